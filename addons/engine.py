@@ -1,0 +1,137 @@
+"""Runs mitmproxy with the gateway addon: options, logging, signals and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import sys
+
+from mitmproxy import ctx
+from mitmproxy.options import Options
+from mitmproxy.tools.dump import DumpMaster
+
+from addons.ca import ca_dir, ensure_ca
+from addons.errors import install_json_error_pages
+from addons.gateway import Gateway
+from addons.logstore import LogStore
+from addons.plugin_manager import make_plugin_manager
+from addons.rules import Rules
+from addons.secrets import Redactor, install_log_redaction
+
+logger = logging.getLogger("tollhouse")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log tollhouse at `level` to stderr; keep mitmproxy's per-connection messages quiet."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+
+
+def mitmproxy_options(rules: Rules) -> dict:
+    """Return the mitmproxy options the gateway depends on, beyond mode and confdir."""
+    hosts = "|".join(re.escape(host) for host in sorted(rules.intercepted_hosts))
+    return {
+        # Never connect upstream before the request hooks have rerouted the call.
+        "connection_strategy": "lazy",
+        # Intercept TLS for provider hosts only; every other host passes as an untouched tunnel.
+        "allow_hosts": [rf"^(?:{hosts})(?::\d+)?$"],
+        # Chunked bodies have no Content-Length to check in advance; mitmproxy enforces this one.
+        "body_size_limit": str(rules.max_request_bytes),
+    }
+
+
+class _Ready:
+    """Reports the listening address once mitmproxy is running."""
+
+    def __init__(self) -> None:
+        self.address: tuple[str, int] | None = None
+
+    def running(self) -> None:
+        addresses = ctx.master.addons.get("proxyserver").listen_addrs()
+        if addresses:
+            self.address = (addresses[0][0], addresses[0][1])
+            # The line tests and scripts wait for; stdout so it is not mixed with log output.
+            print(f"tollhouse listening on {self.address[0]}:{self.address[1]}", flush=True)
+
+
+def _drop_cancelled(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+async def serve(rules: Rules) -> int:
+    """Run the gateway until SIGTERM or SIGINT; return the process exit code."""
+    redactor = Redactor([p.api_key for p in rules.providers.values() if p.api_key])
+    for project in rules.projects.values():
+        if project.key_sha256 is None:
+            logger.warning("project %s has no key: its key_env variable is unset, so it rejects every call", project.name)
+    for provider in rules.providers.values():
+        if provider.api_key is None:
+            logger.warning("provider %s has no key: set %s in the gateway's environment", provider.name, provider.key_env)
+
+    install_json_error_pages()
+    rules.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ca(rules.data_dir)
+    pm = make_plugin_manager(rules)
+    store = LogStore(rules.logging.database, rules.logging.flush_interval)
+    store.start()
+
+    master = DumpMaster(
+        Options(mode=[f"regular@{rules.listen_host}:{rules.listen_port}"], confdir=str(ca_dir(rules.data_dir))),
+        with_termlog=False,
+        with_dumper=False,
+    )
+    # mitmproxy forwards every log record to its event loop as a deprecated `add_log` event; the
+    # gateway has no addon that reads those, and a record logged after the loop closed would fail.
+    master._legacy_log_events.uninstall()
+    master.options.update(**mitmproxy_options(rules))
+    gateway = Gateway(rules, pm, store, redactor)
+    ready = _Ready()
+    master.addons.add(gateway, ready)
+    install_log_redaction(redactor)
+
+    stopping = False
+
+    async def stop_gracefully() -> None:
+        nonlocal stopping
+        if stopping:
+            logger.warning("second stop signal: shutting down now")
+            master.shutdown()
+            return
+        stopping = True
+        logger.info(
+            "stopping: no new connections; waiting up to %.0f s for %d call(s) in flight",
+            rules.shutdown_grace,
+            gateway.in_flight,
+        )
+        master.options.update(server=False)
+        if not await gateway.wait_idle(rules.shutdown_grace):
+            logger.warning("%d call(s) still in flight after %.0f s; closing them", gateway.in_flight, rules.shutdown_grace)
+        # Shutdown cancels the handlers of idle keep-alive connections, and asyncio reports each one
+        # as an error; they are expected here.
+        logging.getLogger("asyncio").addFilter(_drop_cancelled)
+        master.shutdown()
+
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def on_signal() -> None:
+        task = loop.create_task(stop_gracefully())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+
+    try:
+        await master.run()
+    finally:
+        store.close()
+        logger.info("log flushed to %s; stopped", rules.logging.database)
+    return 0 if ready.address else 1

@@ -1,0 +1,357 @@
+"""The mitmproxy addon: routes provider calls, drives the plugin hooks and logs one row per call.
+
+mitmproxy calls the methods below by event name. For a call to a configured provider the order is:
+
+1. `requestheaders`: route to the provider's `base_url` (before anything could connect to the host the
+   client named), check the body size, identify the project (`tollhouse_authenticate`).
+2. `request`: parse the JSON body, then `tollhouse_request` (key injection runs last).
+3. `responseheaders`: `tollhouse_response_headers`; a server-sent-event stream gets a `StreamTap`,
+   which passes every event to `tollhouse_sse_event` as it goes by.
+4. `response` or `error`: `tollhouse_response`, `tollhouse_price`, `tollhouse_log_row`, then the row is
+   queued for the DuckDB writer.
+
+Traffic to other hosts is never intercepted (mitmproxy's `allow_hosts` turns it into a TLS tunnel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import secrets
+import time
+
+import pluggy
+from mitmproxy import connection, http
+from mitmproxy.proxy import server_hooks
+
+from addons.call import Call, Price, endpoint_for
+from addons.errors import error_response
+from addons.logstore import LogStore, row_for
+from addons.rules import Rules
+from addons.secrets import Redactor
+from addons.stream_tap import StreamTap
+
+logger = logging.getLogger(__name__)
+
+#: Key of the `Call` in `flow.metadata`.
+CALL_KEY = "tollhouse.call"
+
+# Endpoints whose requests must carry a JSON object body.
+_JSON_ENDPOINTS = {"chat.completions", "responses", "embeddings", "messages", "messages.count_tokens"}
+
+# Statuses whose bodies are read for an error message to store; upstream error bodies are small JSON.
+_ERROR_MESSAGE_MAX = 500
+
+
+class Gateway:
+    def __init__(self, rules: Rules, pm: pluggy.PluginManager, store: LogStore, redactor: Redactor):
+        self.rules = rules
+        self.pm = pm
+        self.store = store
+        self.redactor = redactor
+        self._intercepted = rules.intercepted_hosts
+        self._upstreams = rules.upstream_addresses
+        # Proxy-URL credentials, keyed by client connection id; a CONNECT carries them once for all
+        # the requests that follow on that connection.
+        self._proxy_credentials: dict[str, tuple[str, str]] = {}
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        credentials = parse_basic_credentials(flow.request.headers.get("proxy-authorization"))
+        if credentials:
+            self._proxy_credentials[flow.client_conn.id] = credentials
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._proxy_credentials.pop(client.id, None)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Egress guard: a provider host is only contacted where the rules send calls.
+
+        Calls are rerouted in `requestheaders`, before mitmproxy opens any upstream connection
+        (`connection_strategy=lazy`). A connection to an intercepted host that is not a configured
+        `base_url` means routing did not run; it is stopped here, before DNS resolution.
+        """
+        address = data.server.address
+        if address is None:
+            return
+        host, port = address[0].lower(), address[1]
+        if host in self._intercepted and (host, port) not in self._upstreams:
+            data.server.error = f"tollhouse blocked a connection to {host}:{port}: not a configured provider base_url"
+            logger.error("egress guard blocked a connection to %s:%s", host, port)
+
+    # -- request -------------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None:
+            return
+        provider = self.rules.provider_for_host(flow.request.pretty_host)
+        if provider is None:
+            return
+
+        request = flow.request
+        call = Call(
+            request_id="th_" + secrets.token_hex(12),
+            listener="proxy",
+            provider=provider,
+            method=request.method,
+            path=request.path,
+            endpoint=endpoint_for(provider.kind, request.path),
+        )
+        flow.metadata[CALL_KEY] = call
+        self.in_flight += 1
+        self._idle.clear()
+
+        # Route first: nothing below may leave the flow pointing at the host the client named.
+        request.scheme = provider.scheme
+        request.host = provider.host
+        request.port = provider.port
+        request.headers["host"] = provider.host if provider.port in (80, 443) else f"{provider.host}:{provider.port}"
+
+        call.proxy_credentials = self._proxy_credentials.get(flow.client_conn.id) or parse_basic_credentials(
+            request.headers.pop("proxy-authorization", None)
+        )
+
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.rules.max_request_bytes:
+            self._reject(
+                call, flow, 413,
+                f"request body of {int(length)} bytes exceeds the gateway's limit of "
+                f"{self.rules.max_request_bytes} bytes (max_request_bytes in the rules)",
+            )
+            return
+
+        try:
+            project = self.pm.hook.tollhouse_authenticate(call=call, flow=flow)
+        except Exception as e:
+            self._plugin_failed(call, flow, "tollhouse_authenticate", e)
+            return
+        if project is None:
+            self._reject_unauthenticated(call, flow)
+            return
+        call.project = project
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(CALL_KEY)
+        if call is None or flow.response is not None:
+            return
+
+        if call.endpoint in _JSON_ENDPOINTS and flow.request.method == "POST":
+            try:
+                body = json.loads(flow.request.content or b"")
+            except (ValueError, UnicodeDecodeError) as e:
+                self._reject(call, flow, 400, f"request body is not valid JSON: {e}")
+                return
+            if not isinstance(body, dict):
+                self._reject(call, flow, 400, "request body must be a JSON object")
+                return
+            call.request_json = body
+            model = body.get("model")
+            call.model = model if isinstance(model, str) else None
+            call.stream = body.get("stream") is True
+
+        try:
+            self.pm.hook.tollhouse_request(call=call, flow=flow)
+        except Exception as e:
+            self._plugin_failed(call, flow, "tollhouse_request", e)
+            return
+        if flow.response is not None:
+            call.answered_by_gateway = True
+
+    # -- response ------------------------------------------------------------------------------------
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.get(CALL_KEY)
+        if call is None:
+            return
+        response = flow.response
+        call.status = response.status_code
+        response.headers["x-tollhouse-request-id"] = call.request_id
+        if call.answered_by_gateway:
+            return
+
+        try:
+            self.pm.hook.tollhouse_response_headers(call=call, flow=flow)
+        except Exception as e:
+            # The headers are on their way to the client; the call goes on, and the row says why it is odd.
+            call.error = self.redactor.mask(f"plugin hook tollhouse_response_headers failed: {type(e).__name__}: {e}")
+            logger.exception("call %s: tollhouse_response_headers failed", call.request_id)
+
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            encoding = response.headers.get("content-encoding")
+            response.stream = StreamTap(call, self.pm.hook.tollhouse_sse_event, encoding, rewrite=call.rewrite_stream)
+            if call.rewrite_stream:
+                # Rewritten events are sent decompressed and their total length is not known ahead.
+                response.headers.pop("content-encoding", None)
+                response.headers.pop("content-length", None)
+        else:
+            call.first_byte = time.monotonic()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.pop(CALL_KEY, None)
+        if call is None:
+            return
+        response = flow.response
+        call.status = response.status_code
+        if call.first_byte is None:
+            call.first_byte = time.monotonic()
+
+        if response.status_code >= 400 and not response.stream:
+            # Upstream error bodies may echo the real key; the client must not receive it.
+            content = response.content or b""
+            masked = self.redactor.mask_bytes(content)
+            if masked is not content:
+                response.content = masked
+            if call.error is None:
+                call.error = error_message(masked)
+
+        if not call.answered_by_gateway:
+            try:
+                self.pm.hook.tollhouse_response(call=call, flow=flow)
+            except Exception as e:
+                call.error = f"plugin hook tollhouse_response failed: {type(e).__name__}: {e}"
+                logger.exception("call %s: tollhouse_response failed", call.request_id)
+        self._finish(call)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        call: Call | None = flow.metadata.pop(CALL_KEY, None)
+        if call is None:
+            return
+        message = flow.error.msg if flow.error else "unknown error"
+        if flow.response is not None:
+            # The answer had started: the stream was cut by the client or by upstream.
+            call.status = flow.response.status_code
+            call.error = f"stream ended early: {message}"
+            if call.usage is not None:
+                call.usage_complete = False
+        elif flow.server_conn is not None and flow.server_conn.error:
+            # mitmproxy answered 502 because upstream could not be reached.
+            call.status = 502
+            call.error = f"upstream unreachable: {flow.server_conn.error}"
+        else:
+            call.error = f"call failed before an answer: {message}"
+        logger.warning("call %s: %s", call.request_id, self.redactor.mask(call.error))
+        self._finish(call)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _finish(self, call: Call) -> None:
+        call.ended = time.monotonic()
+        if call.error:
+            call.error = self.redactor.mask(call.error)
+        try:
+            call.price = self.pm.hook.tollhouse_price(call=call)
+        except Exception:
+            logger.exception("call %s: tollhouse_price failed; cost left unknown", call.request_id)
+            call.price = None
+        if call.price is None:
+            call.price = Price(None, "missing_usage")
+
+        row = row_for(call)
+        try:
+            self.pm.hook.tollhouse_log_row(call=call, row=row)
+        except Exception:
+            logger.exception("call %s: tollhouse_log_row failed; the row is written as it was", call.request_id)
+            row = row_for(call)
+        self.store.put(row)
+        log_call(call)
+
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self._idle.set()
+
+    def _reject(self, call: Call, flow: http.HTTPFlow, status: int, message: str, code: str | None = None) -> None:
+        call.answered_by_gateway = True
+        call.error = message
+        flow.response = error_response(call.provider.kind, status, message, code=code, request_id=call.request_id)
+
+    def _reject_unauthenticated(self, call: Call, flow: http.HTTPFlow) -> None:
+        kind = call.provider.kind
+        where = "x-api-key or Authorization: Bearer" if kind == "anthropic" else "Authorization: Bearer"
+        env = "ANTHROPIC_API_KEY" if kind == "anthropic" else "OPENAI_API_KEY"
+        presented = call.proxy_credentials is not None or any(
+            name in flow.request.headers for name in ("authorization", "x-api-key")
+        )
+        if presented:
+            message = (
+                "tollhouse: unknown project key. Set the client's API key (for example "
+                f"{env}) to the project key the gateway's operator gave you."
+            )
+            code = "invalid_api_key"
+        else:
+            message = (
+                f"tollhouse: missing project key. Send it as {where} (for example set {env} to your project "
+                "key) or in the proxy URL as http://PROJECT:KEY@host:port."
+            )
+            code = "missing_api_key"
+        self._reject(call, flow, 401, message, code)
+
+    def _plugin_failed(self, call: Call, flow: http.HTTPFlow, hook: str, e: Exception) -> None:
+        logger.exception("call %s: plugin hook %s failed", call.request_id, hook)
+        self._reject(call, flow, 500, self.redactor.mask(f"tollhouse plugin hook {hook} failed: {type(e).__name__}: {e}"))
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; return False when `timeout` seconds passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def done(self) -> None:
+        if self.in_flight:
+            logger.warning("shutting down with %d call(s) still in flight; their rows are not written", self.in_flight)
+
+
+def parse_basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """Return (user, password) from a `Basic` Proxy-Authorization header value, or None."""
+    if not header:
+        return None
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def error_message(body: bytes) -> str:
+    """Return the message of a provider error body, or the start of the body if it is not JSON."""
+    try:
+        parsed = json.loads(body)
+        message = parsed["error"]["message"]
+        if isinstance(message, str):
+            return message[:_ERROR_MESSAGE_MAX]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return body[:_ERROR_MESSAGE_MAX].decode("utf-8", errors="replace")
+
+
+def log_call(call: Call) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    usage = call.usage
+    tokens = f"{usage.total_input_tokens}/{usage.output_tokens}" if usage else "-"
+    cost = call.price.cost_usd if call.price and call.price.cost_usd is not None else "unknown"
+    logger.info(
+        "%s project=%s provider=%s model=%s status=%s tokens=%s cost_usd=%s latency_ms=%.0f%s",
+        call.request_id,
+        call.project.name if call.project else "-",
+        call.provider.name if call.provider else "-",
+        call.response_model or call.model or "-",
+        call.status if call.status is not None else "-",
+        tokens,
+        cost,
+        call.latency_ms or 0.0,
+        f" error={call.error!r}" if call.error else "",
+    )

@@ -1,0 +1,141 @@
+"""The tollhouse plugin API.
+
+Every hook is listed here in the order in which the gateway calls it during one client call. Built-in
+features are plugins too (`plugins/`), registered the same way as third-party ones, so each of them can
+be read as an example.
+
+A plugin is a module or object with functions marked ``@addons.hookimpl``. It is loaded from the
+``plugins:`` list of the rules file (a module name or a path to a ``.py`` file) or from the entry-point
+group ``tollhouse`` of an installed package. Implementations may accept any subset of a hook's
+arguments, by name.
+
+Hooks run on mitmproxy's event loop: they must not block. A hook that raises fails only the call it
+was called for (the client gets a 500 error in its provider's format and the row records the error),
+except `tollhouse_configure`, which fails startup.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from mitmproxy import http
+
+    from addons.call import Call, Price
+    from addons.rules import Project, Rules
+    from addons.sse import SSEEvent
+
+hookspec = pluggy.HookspecMarker("tollhouse")
+
+
+# -- startup ---------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def tollhouse_configure(rules: Rules) -> None:
+    """Receive the validated rules once, before the gateway starts listening.
+
+    Read plugin settings from ``rules.plugin_settings`` (the ``settings:`` mapping of the rules file)
+    here and keep them. A plugin registered later still receives this call.
+
+    :param rules: the validated rules file.
+    :raises addons.rules.RulesError: to stop startup with a message naming the setting and the fix.
+    """
+
+
+# -- request ---------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tollhouse_authenticate(call: Call, flow: http.HTTPFlow) -> Project | None:
+    """Identify the project that sent a call, from the request headers.
+
+    Runs when the request headers have arrived and the request has been routed to its provider
+    (``call.provider`` is set), before the body is read. The first non-None result wins. When every
+    implementation returns None, the gateway answers 401 in the provider's error format and nothing is
+    sent upstream.
+
+    :param call: the call; ``call.proxy_credentials`` holds credentials from the proxy URL, if any.
+    :param flow: the mitmproxy flow; only the request headers are present.
+    :return: the project, or None when this plugin does not recognise the credentials.
+    """
+
+
+@hookspec
+def tollhouse_request(call: Call, flow: http.HTTPFlow) -> None:
+    """Change the request in place before it is sent upstream.
+
+    Runs once the whole request body has arrived and ``call.model``, ``call.stream`` and
+    ``call.request_json`` are set. Implementations may change ``flow.request`` (headers, body) and set
+    ``call.rewrite_stream``. Setting ``flow.response`` answers the call without contacting upstream;
+    later implementations still run and should check ``flow.response`` first. The built-in key
+    injection runs last, so credential headers added earlier are replaced.
+
+    :param call: the call.
+    :param flow: the mitmproxy flow with the complete request.
+    """
+
+
+# -- response --------------------------------------------------------------------------------------
+
+
+@hookspec
+def tollhouse_response_headers(call: Call, flow: http.HTTPFlow) -> None:
+    """Inspect or change the upstream response headers before they are sent to the client.
+
+    Runs for every upstream response, streamed or not. ``call.status`` is set; the body has not
+    arrived yet.
+    """
+
+
+@hookspec
+def tollhouse_sse_event(call: Call, event: SSEEvent) -> bool | None:
+    """Observe one complete server-sent event of a streamed answer.
+
+    Runs for every event, in order, as it arrives, before it reaches the client (events split across
+    network reads are joined first). Keep implementations cheap: this runs once per event.
+
+    When ``call.rewrite_stream`` is True, returning False withholds the event from the client and an
+    implementation may replace ``event.raw`` with other bytes; when it is False the client receives
+    upstream's bytes unchanged and the return value is ignored.
+
+    :return: False to withhold the event; None or True to keep it.
+    """
+
+
+@hookspec
+def tollhouse_response(call: Call, flow: http.HTTPFlow) -> None:
+    """Read the complete answer: extract usage and the response model.
+
+    Runs once the answer has been sent to the client, for upstream answers and for answers that a
+    plugin set itself. For a non-streamed answer ``flow.response.content`` holds the decoded body; for
+    a streamed one the body has already passed through `tollhouse_sse_event` and is not kept.
+    Implementations set ``call.usage`` and ``call.response_model``.
+    """
+
+
+# -- accounting ------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tollhouse_price(call: Call) -> Price | None:
+    """Price a finished call.
+
+    Runs for every call, rejected and failed ones included, after `tollhouse_response`. The first
+    non-None result wins; the built-in pricing plugin runs last, so a plugin can override prices for
+    some calls and return None for the rest.
+
+    :return: the price, or None to leave the decision to the next implementation.
+    """
+
+
+@hookspec
+def tollhouse_log_row(call: Call, row: dict) -> None:
+    """Change the row that will be written to the ``requests`` table for this call.
+
+    Runs last for every call. ``row`` maps column names to values; implementations may change values
+    but not add columns (put extra labels into ``call.tags`` before this hook, or into ``row["tags"]``,
+    a dict stored as JSON). The row is written after this hook, off the event loop.
+    """

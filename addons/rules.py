@@ -1,0 +1,406 @@
+"""The rules file: providers, projects, logging, prices and plugins.
+
+`load_rules` reads a YAML file and returns validated, typed `Rules`. Every problem raises `RulesError`
+with the key, the value and the fix, so that a bad file stops the gateway at start rather than on the
+first call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+#: API kinds the gateway can price and authenticate, with the hosts their SDKs call by default.
+KIND_HOSTS = {
+    "openai": ("api.openai.com",),
+    "anthropic": ("api.anthropic.com",),
+}
+
+DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_SHUTDOWN_GRACE = 30.0
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class RulesError(Exception):
+    """An invalid rules file. The message names the key, the value and the fix."""
+
+    def __init__(self, key: str, value: Any, problem: str, fix: str):
+        self.key = key
+        self.value = value
+        super().__init__(f"{key}: {problem} (got {value!r}). {fix}")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An upstream API the gateway forwards to."""
+
+    name: str
+    #: "openai" or "anthropic": decides the auth headers, error format and usage parsing.
+    kind: str
+    #: Where calls are sent, e.g. "https://api.openai.com" or a test server's "http://127.0.0.1:PORT".
+    scheme: str
+    host: str
+    port: int
+    #: Host names clients address; the forward proxy intercepts TLS for these hosts only.
+    hosts: tuple[str, ...]
+    #: Name of the gateway's environment variable that holds the real key.
+    key_env: str
+
+    @property
+    def api_key(self) -> str | None:
+        """The real key, read from the gateway's environment at each call (None when unset)."""
+        return os.environ.get(self.key_env) or None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Project:
+    """A client project, identified by its own key."""
+
+    name: str
+    #: sha256 hex digest of the project key; the key itself is never kept in the rules.
+    key_sha256: str | None
+    #: The environment variable the key was read from, when the rules name one.
+    key_env: str | None = None
+
+
+@dataclass(frozen=True)
+class PriceOverride:
+    """Prices for one model in USD per million tokens.
+
+    A missing `cache_read` or `cache_write` is priced at `input`; a missing `cache_write_1h` at
+    `cache_write`.
+    """
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class LoggingRules:
+    #: The DuckDB file; relative paths are under the data directory.
+    database: Path
+    #: Seconds between batched writes; a SIGKILL loses at most this much of the log.
+    flush_interval: float = 0.5
+    #: Store request and response bodies (with secrets masked) in the log.
+    bodies: bool = False
+    #: Bodies longer than this many bytes are truncated in the log.
+    body_max_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class Rules:
+    path: Path | None
+    listen_host: str
+    listen_port: int
+    data_dir: Path
+    providers: dict[str, Provider]
+    projects: dict[str, Project]
+    logging: LoggingRules
+    prices: dict[str, PriceOverride]
+    #: Plugin module names or `.py` file paths, loaded in this order after the built-ins.
+    plugins: tuple[str, ...]
+    #: Free-form settings for plugins, keyed by plugin name.
+    plugin_settings: dict[str, Any] = field(default_factory=dict)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: Seconds that SIGTERM waits for calls in flight before closing them.
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+    def with_listen(self, host: str, port: int) -> Rules:
+        return dataclasses.replace(self, listen_host=host, listen_port=port)
+
+    def provider_for_host(self, host: str) -> Provider | None:
+        host = host.lower()
+        for provider in self.providers.values():
+            if host in provider.hosts:
+                return provider
+        return None
+
+    @property
+    def intercepted_hosts(self) -> set[str]:
+        return {host for provider in self.providers.values() for host in provider.hosts}
+
+    @property
+    def upstream_addresses(self) -> set[tuple[str, int]]:
+        return {provider.address for provider in self.providers.values()}
+
+
+def load_rules(path: str | os.PathLike) -> Rules:
+    """Read and validate a rules file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RulesError(
+            "rules file", str(path), f"cannot be read: {e.strerror}", "Pass an existing file with --rules."
+        ) from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RulesError("rules file", str(path), f"is not valid YAML: {e}", "Fix the YAML syntax.") from e
+    return parse_rules(raw if raw is not None else {}, base_dir=path.resolve().parent, path=path)
+
+
+def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
+    """Validate the parsed YAML of a rules file. Relative paths are resolved against `base_dir`."""
+    top = _mapping(raw, "rules file")
+    _reject_unknown(
+        top,
+        "rules file",
+        {"listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
+         "max_request_bytes", "shutdown_grace"},
+    )
+
+    listen_host, listen_port = parse_listen(top.get("listen", DEFAULT_LISTEN), "listen")
+    data_dir = _path(top.get("data_dir", "data"), "data_dir", base_dir)
+
+    providers_raw = _mapping(top.get("providers"), "providers")
+    if not providers_raw:
+        raise RulesError("providers", providers_raw, "is empty", "Declare at least one provider (see rules.yaml).")
+    providers = {name: _provider(name, spec) for name, spec in providers_raw.items()}
+    _check_hosts_unique(providers)
+
+    projects_raw = _mapping(top.get("projects"), "projects")
+    if not projects_raw:
+        raise RulesError("projects", projects_raw, "is empty", "Declare at least one project with key_env or key_sha256.")
+    projects = {name: _project(name, spec) for name, spec in projects_raw.items()}
+
+    logging_rules = _logging(top.get("logging", {}), data_dir)
+    prices = {str(model): _price(str(model), spec) for model, spec in _mapping(top.get("prices", {}), "prices").items()}
+    plugins = tuple(_plugin_ref(ref, f"plugins[{i}]", base_dir) for i, ref in enumerate(_list(top.get("plugins", []), "plugins")))
+    settings = _mapping(top.get("settings", {}), "settings")
+
+    return Rules(
+        path=path,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        data_dir=data_dir,
+        providers=providers,
+        projects=projects,
+        logging=logging_rules,
+        prices=prices,
+        plugins=plugins,
+        plugin_settings=dict(settings),
+        max_request_bytes=_positive_int(top.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), "max_request_bytes"),
+        shutdown_grace=_positive_number(top.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), "shutdown_grace"),
+    )
+
+
+def project_key_digest(key: str) -> str:
+    """Return the sha256 hex digest under which a project key is stored in the rules."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+
+def _provider(name: Any, spec: Any) -> Provider:
+    key = f"providers.{name}"
+    _check_name(name, key)
+    spec = _mapping(spec, key)
+    _reject_unknown(spec, key, {"kind", "base_url", "key_env", "hosts"})
+
+    kind = spec.get("kind", name if name in KIND_HOSTS else None)
+    if kind not in KIND_HOSTS:
+        raise RulesError(f"{key}.kind", kind, "is not a supported API kind", f"Use one of: {', '.join(KIND_HOSTS)}.")
+
+    base_url = spec.get("base_url")
+    if not isinstance(base_url, str):
+        raise RulesError(f"{key}.base_url", base_url, "is missing or not a string", "Set it like https://api.openai.com.")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RulesError(f"{key}.base_url", base_url, "is not an http(s) URL", "Set it like https://api.openai.com.")
+    if parts.path.strip("/") or parts.query:
+        raise RulesError(
+            f"{key}.base_url", base_url, "has a path or query",
+            "Give scheme, host and port only; request paths such as /v1/messages are kept as the client sent them.",
+        )
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    key_env = spec.get("key_env")
+    if not isinstance(key_env, str) or not _ENV.match(key_env):
+        raise RulesError(f"{key}.key_env", key_env, "is not an environment variable name", "Set it like OPENAI_API_KEY.")
+
+    hosts = spec.get("hosts", list(KIND_HOSTS[kind]))
+    hosts = _list(hosts, f"{key}.hosts")
+    if not hosts or not all(isinstance(h, str) and h for h in hosts):
+        raise RulesError(f"{key}.hosts", hosts, "must be a non-empty list of host names", f"For example: [{KIND_HOSTS[kind][0]}].")
+
+    return Provider(
+        name=name,
+        kind=kind,
+        scheme=parts.scheme,
+        host=parts.hostname.lower(),
+        port=port,
+        hosts=tuple(h.lower() for h in hosts),
+        key_env=key_env,
+    )
+
+
+def _project(name: Any, spec: Any) -> Project:
+    key = f"projects.{name}"
+    _check_name(name, key)
+    spec = _mapping(spec, key)
+    if "key" in spec or "api_key" in spec:
+        raise RulesError(
+            f"{key}.key", "<hidden>", "is a plaintext key; the rules file must not contain keys",
+            f"Use key_env: VARIABLE, or key_sha256: <output of: printf %s KEY | sha256sum>.",
+        )
+    _reject_unknown(spec, key, {"key_env", "key_sha256"})
+
+    has_env = "key_env" in spec
+    has_hash = "key_sha256" in spec
+    if has_env == has_hash:
+        raise RulesError(key, dict(spec), "needs exactly one of key_env and key_sha256", "Set key_env: VARIABLE or key_sha256: <hex digest>.")
+
+    if has_hash:
+        digest = spec["key_sha256"]
+        if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
+            raise RulesError(f"{key}.key_sha256", digest, "is not a sha256 hex digest", "Compute it with: printf %s KEY | sha256sum")
+        return Project(name=name, key_sha256=digest.lower())
+
+    env = spec["key_env"]
+    if not isinstance(env, str) or not _ENV.match(env):
+        raise RulesError(f"{key}.key_env", env, "is not an environment variable name", "Set it like TOLLHOUSE_KEY_ALPHA.")
+    value = os.environ.get(env)
+    # NOTE: a project whose variable is unset has no key and rejects every call; startup logs a warning.
+    return Project(name=name, key_sha256=project_key_digest(value) if value else None, key_env=env)
+
+
+def _logging(spec: Any, data_dir: Path) -> LoggingRules:
+    spec = _mapping(spec, "logging")
+    _reject_unknown(spec, "logging", {"database", "flush_interval", "bodies", "body_max_bytes"})
+    database = _path(spec.get("database", "tollhouse.duckdb"), "logging.database", data_dir)
+    flush_interval = _positive_number(spec.get("flush_interval", 0.5), "logging.flush_interval")
+    if flush_interval > 1.0:
+        raise RulesError(
+            "logging.flush_interval", flush_interval, "is above 1 second",
+            "Keep it at most 1: a killed gateway loses the rows of the last interval.",
+        )
+    bodies = spec.get("bodies", False)
+    if not isinstance(bodies, bool):
+        raise RulesError("logging.bodies", bodies, "is not true or false", "Write bodies: true or bodies: false.")
+    return LoggingRules(
+        database=database,
+        flush_interval=flush_interval,
+        bodies=bodies,
+        body_max_bytes=_positive_int(spec.get("body_max_bytes", 65536), "logging.body_max_bytes"),
+    )
+
+
+def _price(model: str, spec: Any) -> PriceOverride:
+    key = f"prices.{model}"
+    spec = _mapping(spec, key)
+    fields = ("input", "output", "cache_read", "cache_write", "cache_write_1h")
+    _reject_unknown(spec, key, set(fields))
+    values: dict[str, Decimal] = {}
+    for name in fields:
+        if name not in spec:
+            if name in ("input", "output"):
+                raise RulesError(f"{key}.{name}", None, "is missing", "Give the price in USD per million tokens, e.g. 2.50.")
+            continue
+        try:
+            value = Decimal(str(spec[name]))
+        except InvalidOperation as e:
+            raise RulesError(f"{key}.{name}", spec[name], "is not a number", "Give USD per million tokens, e.g. 2.50.") from e
+        if not value.is_finite() or value < 0:
+            raise RulesError(f"{key}.{name}", spec[name], "is not a non-negative number", "Give USD per million tokens, e.g. 2.50.")
+        values[name] = value
+    return PriceOverride(**values)
+
+
+def _plugin_ref(ref: Any, key: str, base_dir: Path) -> str:
+    if not isinstance(ref, str) or not ref.strip():
+        raise RulesError(key, ref, "is not a module name or file path", "Write a module like mypkg.plugin or a path like plugins/team.py.")
+    if ref.endswith(".py"):
+        return str((base_dir / ref).resolve())
+    return ref
+
+
+def _check_hosts_unique(providers: dict[str, Provider]) -> None:
+    seen: dict[str, str] = {}
+    for provider in providers.values():
+        for host in provider.hosts:
+            if host in seen:
+                raise RulesError(
+                    f"providers.{provider.name}.hosts", host, f"is already intercepted for provider {seen[host]!r}",
+                    "Give each provider its own hosts.",
+                )
+            seen[host] = provider.name
+
+
+# -- value checks ----------------------------------------------------------------------------------
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RulesError(key, value, "is not a mapping", "Write it as `key: value` lines indented under it.")
+    return value
+
+
+def _list(value: Any, key: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RulesError(key, value, "is not a list", "Write it as `- item` lines or [a, b].")
+    return value
+
+
+def _reject_unknown(spec: dict, key: str, allowed: set[str]) -> None:
+    for name in spec:
+        if name not in allowed:
+            raise RulesError(f"{key}.{name}", spec[name], "is not a known setting", f"Allowed here: {', '.join(sorted(allowed))}.")
+
+
+def _check_name(name: Any, key: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise RulesError(key, name, "is not a valid name", "Use letters, digits, '_', '-' and '.'.")
+
+
+def parse_listen(value: Any, key: str) -> tuple[str, int]:
+    """Parse HOST:PORT; raise RulesError naming `key` when it is malformed."""
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise RulesError(key, value, "is not HOST:PORT", "Write it like 0.0.0.0:8080 (port 0 picks a free port).")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _path(value: Any, key: str, base_dir: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise RulesError(key, value, "is not a path", "Write a file or folder path.")
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def _positive_number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise RulesError(key, value, "is not a positive number", "Give a number greater than 0.")
+    return float(value)
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RulesError(key, value, "is not a positive whole number", "Give a whole number greater than 0.")
+    return value

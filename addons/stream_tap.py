@@ -1,0 +1,75 @@
+"""Passes a streamed answer to the client chunk by chunk while plugins watch its events."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from addons.call import Call
+from addons.sse import SSEReader
+
+logger = logging.getLogger(__name__)
+
+
+class StreamTap:
+    """mitmproxy's `flow.response.stream` callable for server-sent events.
+
+    mitmproxy calls it on the event loop for every network read from upstream and once with b"" at
+    the end; what it returns goes to the client at once. Without `rewrite`, the client receives
+    upstream's bytes unchanged (compressed, if they were) and the hook only observes. With `rewrite`,
+    the client receives the decoded bytes of each complete event that no hook implementation withheld;
+    a partial event waits for its remaining bytes.
+
+    In rewrite mode it returns a list of byte strings, which mitmproxy sends one by one.
+    """
+
+    __slots__ = ("call", "hook", "reader", "rewrite", "_failed")
+
+    def __init__(self, call: Call, hook: Callable, content_encoding: str | None, rewrite: bool):
+        self.call = call
+        self.hook = hook
+        self.reader = SSEReader(content_encoding)
+        self.rewrite = rewrite
+        self._failed = False
+
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        if chunk and self.call.first_byte is None:
+            self.call.first_byte = time.monotonic()
+        try:
+            events = self.reader.feed(chunk) if chunk else self.reader.close()
+        except Exception as e:
+            # An undecodable stream still reaches the client unchanged; only its usage is lost.
+            return self._give_up(chunk, e)
+
+        if not self.rewrite:
+            for event in events:
+                self._observe(event)
+            return chunk
+
+        kept = []
+        for event in events:
+            results = self._observe(event)
+            if results is None or False not in results:
+                kept.append(event.raw)
+        # A list, never b"": mitmproxy would send an empty chunk, which ends a chunked HTTP/1.1 body.
+        return [b"".join(kept)] if kept else []
+
+    def _observe(self, event) -> list | None:
+        if self._failed:
+            return None
+        try:
+            return self.hook(call=self.call, event=event)
+        except Exception as e:
+            self._failed = True
+            self.call.error = f"plugin hook tollhouse_sse_event failed: {type(e).__name__}: {e}"
+            logger.exception("call %s: tollhouse_sse_event failed; the stream goes on unobserved", self.call.request_id)
+            return None
+
+    def _give_up(self, chunk: bytes, e: Exception) -> bytes:
+        if not self._failed:
+            self._failed = True
+            self.call.error = f"stream could not be decoded: {type(e).__name__}: {e}"
+            logger.warning("call %s: %s", self.call.request_id, self.call.error)
+        # NOTE: in rewrite mode the client already received decoded bytes; the rest is passed raw.
+        return chunk

@@ -1,0 +1,11 @@
+"""Built-in plugins. Each module is registered like a third-party plugin, in this order."""
+
+BUILTIN_PLUGINS = (
+    "plugins.project_keys",
+    "plugins.key_injection",
+    "plugins.stream_usage",
+    "plugins.usage_openai",
+    "plugins.usage_anthropic",
+    "plugins.pricing",
+    "plugins.body_capture",
+)

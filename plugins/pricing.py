@@ -1,0 +1,161 @@
+"""Built-in pricing: the cost of a call from its usage, price overrides and genai-prices.
+
+The decision, in order:
+
+1. `/v1/messages/count_tokens` is free: cost 0, "not_billed".
+2. No usage: cost 0 and "not_billed" when upstream sent no response or an error status,
+   or for a GET/HEAD request to an unpriced endpoint (listing models and reading stored objects
+   create no tokens). Otherwise the cost is unknown: None, "missing_usage".
+3. A price override from the rules, looked up by `call.response_model` and then by `call.model`:
+   "override".
+4. genai-prices 0.2.3 (offline data bundled with the package), looked up by the same two names with
+   the provider kind as provider id: "priced", or None and "unknown_model" when neither name is known.
+
+A priced or overridden cost of a call whose usage is incomplete (`call.usage_complete` is False) is
+flagged "partial" instead.
+
+Usage plugins may put a genai-prices `price_context` mapping (for example ``{"service_tier": "flex"}``)
+into ``call.metadata["pricing.context"]`` to select a price variant.
+
+In genai-prices 0.2.3 only a started `genai_prices.UpdatePrices` fetches prices over the network, and
+tollhouse never starts one. Importing the package and calling `calc_price` read the bundled data only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import genai_prices
+from genai_prices.data_snapshot import get_snapshot
+
+from addons import hookimpl
+from addons.call import Price
+
+if TYPE_CHECKING:
+    from addons.call import Call, Usage
+    from addons.rules import PriceOverride, Rules
+
+#: Key of `call.metadata` containing the genai-prices `price_context` mapping for this call.
+PRICE_CONTEXT_KEY = "pricing.context"
+
+_TOKENS_PER_RATE = Decimal(1_000_000)
+_NOT_BILLED = Price(Decimal(0), "not_billed")
+
+
+@dataclass(slots=True)
+class _State:
+    overrides: dict[str, PriceOverride]
+
+
+_state = _State(overrides={})
+
+
+@hookimpl
+def tollhouse_configure(rules: Rules) -> None:
+    _state.overrides = dict(rules.prices)
+    # Load the bundled price data now, so the first priced call does not pay for it on the event loop.
+    get_snapshot()
+
+
+def override_cost(usage: Usage, rates: PriceOverride) -> Decimal:
+    """Return the cost in USD of `usage` at the override `rates`.
+
+    A missing cache-read or cache-write rate is the input rate; a missing one-hour write rate is the
+    cache-write rate, so one-hour writes never cost less than five-minute writes.
+    """
+    # `is None`, not truthiness: a rate of 0 is a valid price.
+    cache_read_rate = rates.input if rates.cache_read is None else rates.cache_read
+    cache_write_rate = rates.input if rates.cache_write is None else rates.cache_write
+    write_1h_rate = cache_write_rate if rates.cache_write_1h is None else rates.cache_write_1h
+
+    write_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+    write_5m = usage.cache_write_tokens - write_1h
+    total = (
+        usage.input_tokens * rates.input
+        + usage.cache_read_tokens * cache_read_rate
+        + write_5m * cache_write_rate
+        + write_1h * write_1h_rate
+        + usage.output_tokens * rates.output
+    )
+    return total / _TOKENS_PER_RATE
+
+
+def genai_prices_cost(call: Call, usage: Usage) -> Decimal | None:
+    """Return the genai-prices cost in USD of `usage`, or None when no model name of the call is known."""
+    priced_usage = genai_prices.Usage(
+        # genai-prices takes the total input and treats the cache counts as parts of it.
+        input_tokens=usage.total_input_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        cache_write_1h_tokens=min(usage.cache_write_1h_tokens, usage.cache_write_tokens),
+        # Reasoning tokens are part of output_tokens, so passing them too would price them twice.
+        output_tokens=usage.output_tokens,
+    )
+    context = call.metadata.get(PRICE_CONTEXT_KEY)
+    provider_id = call.provider.kind if call.provider is not None else None
+    for model_ref in _model_names(call):
+        try:
+            calculation = genai_prices.calc_price(
+                priced_usage,
+                model_ref,
+                provider_id=provider_id,
+                # Prices as of the call, so that re-pricing old rows gives the prices of their day.
+                genai_request_timestamp=call.ts,
+                price_context=context if isinstance(context, dict) else None,
+            )
+        except LookupError:
+            continue
+        return calculation.total_price
+    return None
+
+
+def _model_names(call: Call) -> list[str]:
+    names: list[str] = []
+    for name in (call.response_model, call.model):
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def _find_override(call: Call) -> PriceOverride | None:
+    for name in _model_names(call):
+        rates = _state.overrides.get(name)
+        if rates is not None:
+            return rates
+    return None
+
+
+def price_call(call: Call) -> Price:
+    """Price a finished call by the rules in the module documentation."""
+    if call.endpoint == "messages.count_tokens":
+        return _NOT_BILLED
+
+    usage = call.usage
+    if usage is None:
+        if call.status is None or not 200 <= call.status < 300:
+            return _NOT_BILLED
+        if call.endpoint == "other" and call.method.upper() in ("GET", "HEAD"):
+            return _NOT_BILLED
+        return Price(None, "missing_usage")
+
+    rates = _find_override(call)
+    if rates is not None:
+        cost = override_cost(usage, rates)
+        flag = "override"
+    else:
+        priced = genai_prices_cost(call, usage)
+        if priced is None:
+            return Price(None, "unknown_model")
+        cost = priced
+        flag = "priced"
+
+    if not call.usage_complete:
+        flag = "partial"
+    return Price(cost, flag)
+
+
+@hookimpl(trylast=True)
+def tollhouse_price(call: Call) -> Price:
+    return price_call(call)

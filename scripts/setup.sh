@@ -1,0 +1,61 @@
+# Sourced by scripts/gateway and scripts/test: finds Python >= 3.12, creates .venv and installs tollhouse.
+#
+# Choose the interpreter with TOLLHOUSE_PYTHON=/path/to/python3.12; otherwise the first Python >= 3.12
+# among python3.13, python3.12, python3 on PATH and the versions under pyenv is used.
+
+set -euo pipefail
+
+TOLLHOUSE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$TOLLHOUSE_ROOT/.venv"
+
+is_new_enough() {
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
+}
+
+find_python() {
+    if [ -n "${TOLLHOUSE_PYTHON:-}" ]; then
+        if is_new_enough "$TOLLHOUSE_PYTHON"; then
+            echo "$TOLLHOUSE_PYTHON"
+            return 0
+        fi
+        echo "tollhouse: TOLLHOUSE_PYTHON=$TOLLHOUSE_PYTHON is not a Python >= 3.12" >&2
+        return 1
+    fi
+    local candidates=(python3.13 python3.12 python3)
+    local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
+    if command -v pyenv >/dev/null 2>&1; then
+        pyenv_root="$(pyenv root)"
+    fi
+    # Newest first: sort -V orders 3.13.0 after 3.12.1.
+    if [ -d "$pyenv_root/versions" ]; then
+        while IFS= read -r dir; do
+            candidates+=("$dir/bin/python")
+        done < <(ls -d "$pyenv_root"/versions/3.* 2>/dev/null | sort -V -r)
+    fi
+    local candidate
+    for candidate in "${candidates[@]}"; do
+        if is_new_enough "$candidate"; then
+            command -v "$candidate" 2>/dev/null || echo "$candidate"
+            return 0
+        fi
+    done
+    echo "tollhouse: no Python >= 3.12 found (tried ${candidates[*]})." >&2
+    echo "Install one, or set TOLLHOUSE_PYTHON=/path/to/python3.12." >&2
+    return 1
+}
+
+if [ ! -x "$VENV/bin/python" ] || ! is_new_enough "$VENV/bin/python"; then
+    PYTHON="$(find_python)"
+    echo "tollhouse: creating $VENV with $PYTHON ($("$PYTHON" --version 2>&1))" >&2
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+# Reinstall only when the project's requirements changed since the last install.
+STAMP="$VENV/.tollhouse-installed"
+WANT="$(cat "$TOLLHOUSE_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "tollhouse: installing into $VENV" >&2
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$TOLLHOUSE_ROOT[test]"
+    echo "$WANT" > "$STAMP"
+fi
