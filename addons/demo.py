@@ -19,6 +19,15 @@ _DEMO_OPENAI_KEY = "sk-demo-real-openai-key-000000000000"
 _DEMO_ANTHROPIC_KEY = "sk-ant-demo-real-anthropic-key-0000"
 _DEMO_PROJECT_KEY = "demo-project-key"
 
+# Token counts the fake provider reports for each demo call (its `x-fake-usage` header), in each
+# provider's own field names, so that the cost table shows cache reads and writes.
+_USAGE = {
+    "openai-chat": '{"prompt_tokens": 1200, "completion_tokens": 150, "prompt_tokens_details": {"cached_tokens": 1024}}',
+    "openai-stream": '{"prompt_tokens": 3000, "completion_tokens": 400}',
+    "anthropic-message": '{"input_tokens": 50, "cache_read_input_tokens": 4000, "cache_creation_input_tokens": 1000, "output_tokens": 300}',
+    "anthropic-stream": '{"input_tokens": 800, "output_tokens": 120}',
+}
+
 _RULES = """\
 listen: 127.0.0.1:0
 data_dir: data
@@ -66,13 +75,18 @@ def run_demo(keep: Path | None = None) -> int:
         request_ids = []
         oai = openai.OpenAI(api_key=_DEMO_PROJECT_KEY, max_retries=0, timeout=20.0)
         raw = oai.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello."}]
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Say hello."}],
+            extra_headers={"x-fake-usage": _USAGE["openai-chat"]},
         )
         print("openai chat:      ", raw.parse().choices[0].message.content)
         request_ids.append(raw.headers["x-tollhouse-request-id"])
 
         with oai.chat.completions.with_streaming_response.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "Count to three."}], stream=True
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "Count to three."}],
+            stream=True,
+            extra_headers={"x-fake-usage": _USAGE["openai-stream"]},
         ) as response:
             text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
             request_ids.append(response.headers["x-tollhouse-request-id"])
@@ -80,13 +94,19 @@ def run_demo(keep: Path | None = None) -> int:
 
         ant = anthropic.Anthropic(api_key=_DEMO_PROJECT_KEY, max_retries=0, timeout=20.0)
         raw = ant.messages.with_raw_response.create(
-            model="claude-sonnet-4-20250514", max_tokens=100, messages=[{"role": "user", "content": "Say hello."}]
+            model="claude-sonnet-4-20250514",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "Say hello."}],
+            extra_headers={"x-fake-usage": _USAGE["anthropic-message"]},
         )
         print("anthropic message:", raw.parse().content[0].text)
         request_ids.append(raw.headers["x-tollhouse-request-id"])
 
         with ant.messages.stream(
-            model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "Count to three."}]
+            model="claude-haiku-4-5",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "Count to three."}],
+            extra_headers={"x-fake-usage": _USAGE["anthropic-stream"]},
         ) as stream:
             text = "".join(stream.text_stream)
             request_ids.append(stream.response.headers["x-tollhouse-request-id"])
