@@ -10,6 +10,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
+import pluggy
+
 import addons
 from addons.rules import Rules, RulesError, load_rules, project_key_digest
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except RulesError as e:
         print(f"tollhouse: invalid rules: {e}", file=sys.stderr)
+        return 2
+    except pluggy.PluginValidationError as e:
+        print(f"tollhouse: invalid plugin {e.plugin!r}: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,105 @@
+"""Plugin loading: built-ins, rules entries (module and file), the `tollhouse` entry-point group."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from addons.rules import RulesError, parse_rules
+from addons.plugin_manager import make_plugin_manager
+from plugins import BUILTIN_PLUGINS
+
+PLUGIN_SOURCE = '''
+from addons import hookimpl
+
+configured = []
+
+
+@hookimpl
+def tollhouse_configure(rules):
+    configured.append(sorted(rules.providers))
+'''
+
+
+def make_rules(tmp_path: Path, plugins: list[str]):
+    raw = {
+        "providers": {"openai": {"base_url": "http://127.0.0.1:1", "key_env": "OPENAI_API_KEY"}},
+        "projects": {"alpha": {"key_sha256": "a" * 64}},
+        "plugins": plugins,
+    }
+    return parse_rules(raw, base_dir=tmp_path)
+
+
+def test_builtins_registered_in_order(tmp_path):
+    pm = make_plugin_manager(make_rules(tmp_path, []), load_entry_points=False)
+
+    names = [pm.get_name(plugin) for plugin in pm.get_plugins()]
+    assert sorted(names) == sorted(BUILTIN_PLUGINS)
+
+
+def test_file_plugin_loaded_and_configured(tmp_path):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "probe.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
+
+    pm = make_plugin_manager(make_rules(tmp_path, ["local/probe.py"]), load_entry_points=False)
+
+    plugin = pm.get_plugin(str(tmp_path / "local" / "probe.py"))
+    assert plugin.configured == [["openai"]]
+
+
+def test_module_plugin_loaded(tmp_path, monkeypatch):
+    (tmp_path / "th_probe_module.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    pm = make_plugin_manager(make_rules(tmp_path, ["th_probe_module"]), load_entry_points=False)
+
+    assert pm.get_plugin("th_probe_module").configured == [["openai"]]
+    monkeypatch.delitem(sys.modules, "th_probe_module")
+
+
+def test_entry_point_plugin_loaded(tmp_path, monkeypatch):
+    (tmp_path / "th_probe_entry.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
+    dist = tmp_path / "th_probe_entry-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: th-probe-entry\nVersion: 1.0\n", encoding="utf-8")
+    (dist / "entry_points.txt").write_text("[tollhouse]\nprobe = th_probe_entry\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    pm = make_plugin_manager(make_rules(tmp_path, []))
+
+    plugin = pm.get_plugin("probe")
+    assert plugin is not None
+    assert plugin.configured == [["openai"]]
+    monkeypatch.delitem(sys.modules, "th_probe_entry")
+
+
+def test_missing_file_plugin(tmp_path):
+    with pytest.raises(RulesError, match=r"^plugins\[0\]: is not an existing file"):
+        make_plugin_manager(make_rules(tmp_path, ["absent.py"]), load_entry_points=False)
+
+
+def test_unimportable_module_plugin(tmp_path):
+    with pytest.raises(RulesError, match=r"^plugins\[0\]: cannot be imported"):
+        make_plugin_manager(make_rules(tmp_path, ["th_no_such_module"]), load_entry_points=False)
+
+
+def test_misspelled_hook_rejected(tmp_path):
+    (tmp_path / "typo.py").write_text(
+        textwrap.dedent(
+            """
+            from addons import hookimpl
+
+            @hookimpl
+            def tollhouse_reqest(call, flow):
+                pass
+            """
+        ),
+        encoding="utf-8",
+    )
+
+    with pytest.raises(pluggy.PluginValidationError, match="tollhouse_reqest"):
+        make_plugin_manager(make_rules(tmp_path, ["typo.py"]), load_entry_points=False)
