@@ -22,6 +22,9 @@ from addons.secrets import Redactor, install_log_redaction
 
 logger = logging.getLogger("tollhouse")
 
+#: Bytes above the rules' `max_request_bytes` at which mitmproxy stops reading a request body.
+BODY_SIZE_SLACK = 16 * 1024 * 1024
+
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Log tollhouse at `level` to stderr; keep mitmproxy's per-connection messages quiet."""
@@ -42,8 +45,11 @@ def mitmproxy_options(rules: Rules) -> dict:
         "connection_strategy": "lazy",
         # Intercept TLS for provider hosts only; every other host passes as an untouched tunnel.
         "allow_hosts": [rf"^(?:{hosts})(?::\d+)?$"],
-        # Chunked bodies have no Content-Length to check in advance; mitmproxy enforces this one.
-        "body_size_limit": str(rules.max_request_bytes),
+        # The gateway answers bodies over max_request_bytes itself, in the provider's error format, but
+        # mitmproxy reads such a body before the answer goes out. mitmproxy's own limit, which cuts a
+        # body off while it arrives (with a less specific JSON error), sits higher and bounds the
+        # memory one request can take.
+        "body_size_limit": str(rules.max_request_bytes + BODY_SIZE_SLACK),
     }
 
 

@@ -42,8 +42,11 @@ CALL_KEY = "tollhouse.call"
 # Endpoints whose requests must carry a JSON object body.
 _JSON_ENDPOINTS = {"chat.completions", "responses", "embeddings", "messages", "messages.count_tokens"}
 
-# Statuses whose bodies are read for an error message to store; upstream error bodies are small JSON.
+# Longest error message stored from an upstream error body, in characters.
 _ERROR_MESSAGE_MAX = 500
+
+# Part of mitmproxy 12.3's error message for a body over its `body_size_limit`.
+_BODY_LIMIT_MESSAGE = "body_size_limit"
 
 
 class Gateway:
@@ -120,11 +123,7 @@ class Gateway:
 
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.rules.max_request_bytes:
-            self._reject(
-                call, flow, 413,
-                f"request body of {int(length)} bytes exceeds the gateway's limit of "
-                f"{self.rules.max_request_bytes} bytes (max_request_bytes in the rules)",
-            )
+            self._reject(call, flow, 413, self._too_large_message(int(length)))
             return
 
         try:
@@ -140,6 +139,11 @@ class Gateway:
     def request(self, flow: http.HTTPFlow) -> None:
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None or flow.response is not None:
+            return
+
+        size = len(flow.request.raw_content or b"")
+        if size > self.rules.max_request_bytes:
+            self._reject(call, flow, 413, self._too_large_message(size))
             return
 
         if call.endpoint in _JSON_ENDPOINTS and flow.request.method == "POST":
@@ -230,10 +234,15 @@ class Gateway:
             call.error = f"stream ended early: {message}"
             if call.usage is not None:
                 call.usage_complete = False
-        elif flow.server_conn is not None and flow.server_conn.error:
-            # mitmproxy answered 502 because upstream could not be reached.
+        elif _BODY_LIMIT_MESSAGE in message:
+            # mitmproxy cut off a body far over the limit while it arrived and answered 413 itself.
+            call.status = 413
+            call.error = f"request body too large: {message}"
+        elif flow.request.timestamp_end is not None and flow.server_conn.timestamp_tcp_setup is None:
+            # The whole request arrived but no upstream connection was made: mitmproxy answered 502.
+            # (mitmproxy 12.3 keeps the connect error on a separate Server object, not on the flow.)
             call.status = 502
-            call.error = f"upstream unreachable: {flow.server_conn.error}"
+            call.error = f"upstream unreachable: {message}"
         else:
             call.error = f"call failed before an answer: {message}"
         logger.warning("call %s: %s", call.request_id, self.redactor.mask(call.error))
@@ -276,10 +285,7 @@ class Gateway:
         kind = call.provider.kind
         where = "x-api-key or Authorization: Bearer" if kind == "anthropic" else "Authorization: Bearer"
         env = "ANTHROPIC_API_KEY" if kind == "anthropic" else "OPENAI_API_KEY"
-        presented = call.proxy_credentials is not None or any(
-            name in flow.request.headers for name in ("authorization", "x-api-key")
-        )
-        if presented:
+        if call.proxy_credentials is not None or has_credential(flow.request.headers):
             message = (
                 "tollhouse: unknown project key. Set the client's API key (for example "
                 f"{env}) to the project key the gateway's operator gave you."
@@ -292,6 +298,12 @@ class Gateway:
             )
             code = "missing_api_key"
         self._reject(call, flow, 401, message, code)
+
+    def _too_large_message(self, size: int) -> str:
+        return (
+            f"request body of {size} bytes exceeds the gateway's limit of {self.rules.max_request_bytes} bytes "
+            "(max_request_bytes in the rules)"
+        )
 
     def _plugin_failed(self, call: Call, flow: http.HTTPFlow, hook: str, e: Exception) -> None:
         logger.exception("call %s: plugin hook %s failed", call.request_id, hook)
@@ -323,6 +335,14 @@ def parse_basic_credentials(header: str | None) -> tuple[str, str] | None:
         return None
     user, sep, password = decoded.partition(":")
     return (user, password) if sep else None
+
+
+def has_credential(headers) -> bool:
+    """Tell whether the request carries a non-empty API key in `x-api-key` or `Authorization`."""
+    if headers.get("x-api-key", "").strip():
+        return True
+    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+    return bool(token.strip()) or (bool(scheme) and scheme.lower() != "bearer")
 
 
 def error_message(body: bytes) -> str:

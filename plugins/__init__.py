@@ -6,6 +6,7 @@ BUILTIN_PLUGINS = (
     "plugins.stream_usage",
     "plugins.usage_openai",
     "plugins.usage_anthropic",
+    "plugins.stream_errors",
     "plugins.pricing",
     "plugins.body_capture",
 )
