@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 
 import pluggy
 from mitmproxy import connection, http
@@ -136,7 +138,9 @@ class Gateway:
             return
         call.project = project
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Plain function, not a coroutine: mitmproxy awaits what a hook returns, so only calls whose
+        # plugins returned awaitables pay for a suspension.
         call: Call | None = flow.metadata.get(CALL_KEY)
         if call is None or flow.response is not None:
             return
@@ -161,10 +165,24 @@ class Gateway:
             call.stream = body.get("stream") is True
 
         try:
-            self.pm.hook.tollhouse_request(call=call, flow=flow)
+            results = self.pm.hook.tollhouse_request(call=call, flow=flow)
         except Exception as e:
             self._plugin_failed(call, flow, "tollhouse_request", e)
-            return
+            return None
+        pending = [result for result in results if inspect.isawaitable(result)]
+        if pending:
+            return self._await_request_hooks(call, flow, pending)
+        if flow.response is not None:
+            call.answered_by_gateway = True
+        return None
+
+    async def _await_request_hooks(self, call: Call, flow: http.HTTPFlow, pending: list[Awaitable]) -> None:
+        for awaitable in pending:
+            try:
+                await awaitable
+            except Exception as e:
+                self._plugin_failed(call, flow, "tollhouse_request", e)
+                return
         if flow.response is not None:
             call.answered_by_gateway = True
 

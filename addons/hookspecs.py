@@ -73,6 +73,11 @@ def tollhouse_request(call: Call, flow: http.HTTPFlow) -> None:
     later implementations still run and should check ``flow.response`` first. The built-in key
     injection runs last, so credential headers added earlier are replaced.
 
+    An implementation may return an awaitable (for example by being ``async def``) to wait without
+    blocking, for a concurrency slot or for an identical call in flight. The gateway awaits the returned
+    awaitables in order, after every implementation has returned and before the request goes
+    upstream; setting ``flow.response`` there still answers the call locally.
+
     :param call: the call.
     :param flow: the mitmproxy flow with the complete request.
     """

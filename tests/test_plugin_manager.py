@@ -103,3 +103,45 @@ def test_misspelled_hook_rejected(tmp_path):
 
     with pytest.raises(pluggy.PluginValidationError, match="tollhouse_reqest"):
         make_plugin_manager(make_rules(tmp_path, ["typo.py"]), load_entry_points=False)
+
+
+ASYNC_PLUGIN = '''
+import asyncio
+
+from addons import hookimpl
+from addons.errors import error_response
+
+
+@hookimpl
+async def tollhouse_request(call, flow):
+    await asyncio.sleep(0)
+    if flow.request.headers.get("x-answer-locally"):
+        flow.response = error_response(call.provider.kind, 429, "answered by an async plugin")
+'''
+
+
+def test_async_request_hook_awaited(tmp_path, monkeypatch):
+    import asyncio
+
+    from mitmproxy.test import tflow
+
+    from addons.call import Call
+    from addons.gateway import CALL_KEY, Gateway
+    from addons.secrets import Redactor
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-real-key-0000000000")
+    (tmp_path / "slow.py").write_text(ASYNC_PLUGIN, encoding="utf-8")
+    rules = make_rules(tmp_path, ["slow.py"])
+    gateway = Gateway(rules, make_plugin_manager(rules, load_entry_points=False), store=None, redactor=Redactor())
+    flow = tflow.tflow()
+    flow.request.headers["x-answer-locally"] = "1"
+    call = Call(request_id="t", listener="proxy", provider=rules.providers["openai"])
+    flow.metadata[CALL_KEY] = call
+
+    pending = gateway.request(flow)
+
+    assert pending is not None
+    assert flow.response is None
+    asyncio.run(pending)
+    assert flow.response.status_code == 429
+    assert call.answered_by_gateway is True
