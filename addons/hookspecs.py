@@ -114,10 +114,11 @@ def tollhouse_sse_event(call: Call, event: SSEEvent) -> bool | None:
 def tollhouse_response(call: Call, flow: http.HTTPFlow) -> None:
     """Read the complete answer: extract usage and the response model.
 
-    Runs once the answer has been sent to the client, for upstream answers and for answers that a
-    plugin set itself. For a non-streamed answer ``flow.response.content`` holds the decoded body; for
-    a streamed one the body has already passed through `tollhouse_sse_event` and is not kept.
-    Implementations set ``call.usage`` and ``call.response_model``.
+    Runs for upstream answers once the whole answer has arrived. For a non-streamed answer this is
+    before the client receives it: ``flow.response.content`` holds the decoded body, and an
+    implementation may still change ``flow.response``. A streamed answer has already been sent and
+    its body, which passed through `tollhouse_sse_event`, is not kept. Implementations set
+    ``call.usage`` and ``call.response_model``.
     """
 
 
