@@ -6,6 +6,7 @@ the call ends, whether it was answered, rejected or failed. Plugins read and fil
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,9 +26,24 @@ ENDPOINTS = {
 }
 
 
+# Wire format of the provider kinds that speak another kind's API.
+_KIND_FORMATS = {"azure": "openai", "openai-compatible": "openai"}
+_AZURE_DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/[^/]+(/.*)$")
+
+
 def endpoint_for(kind: str, path: str) -> str:
-    """Return the endpoint name for a request path, or "other" for paths the gateway does not price."""
-    return ENDPOINTS.get((kind, path.split("?", 1)[0].rstrip("/")), "other")
+    """Return the endpoint name for a request path, or "other" for paths the gateway does not price.
+
+    Paths under a base-URL prefix (`/openai/v1/chat/completions`) and Azure deployment paths
+    (`/openai/deployments/{deployment}/chat/completions`) count as their `/v1/...` path.
+    """
+    bare = path.split("?", 1)[0].rstrip("/")
+    deployment = _AZURE_DEPLOYMENT_PATH.match(bare)
+    if deployment:
+        bare = "/v1" + deployment.group(1)
+    elif not bare.startswith("/v1/") and "/v1/" in bare:
+        bare = bare[bare.index("/v1/"):]
+    return ENDPOINTS.get((_KIND_FORMATS.get(kind, kind), bare), "other")
 
 
 @dataclass(slots=True)
@@ -74,6 +90,7 @@ PRICE_FLAGS = {
     "unknown_model": "usage known, but no price for the model: cost is NULL",
     "missing_usage": "the answer carried no usage: cost is NULL",
     "not_billed": "the call failed or was rejected before the provider billed anything: cost is 0",
+    "cache_hit": "answered from the gateway's response cache: cost is 0, saved_usd has the original cost",
 }
 
 
@@ -82,7 +99,7 @@ class Call:
     """One client call: request facts, the answer's facts, usage and cost."""
 
     request_id: str
-    #: Which listener received the call: "proxy" for the forward proxy.
+    #: The listener that received the call: "proxy" (forward proxy) or "base_url" (base-URL listener).
     listener: str
     #: Wall-clock start, UTC.
     ts: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
@@ -90,6 +107,9 @@ class Call:
     started: float = field(default_factory=time.monotonic)
 
     provider: Provider | None = None
+    #: "openai" or "anthropic": the wire format the client speaks. It differs from
+    #: `provider.api_format` when the gateway translates between the two.
+    client_format: str | None = None
     project: Project | None = None
     endpoint: str = "other"
     method: str = ""
@@ -115,7 +135,14 @@ class Call:
     usage: Usage | None = None
     #: False when the call ended before the final usage report (a cut stream).
     usage_complete: bool = True
+    #: True once a streamed answer's final event went by (`[DONE]`, `message_stop`, a terminal
+    #: Responses event); a connection closed after it does not make the call incomplete.
+    stream_finished: bool = False
     price: Price | None = None
+    #: The response cache's decision: "HIT", "MISS", "REFRESH", "DISABLED", or None when not consulted.
+    cache_status: str | None = None
+    #: For a cache hit, the cost of the original answer in USD, which this call did not pay again.
+    saved_usd: Decimal | None = None
 
     #: When True, the streamed answer is re-assembled event by event, so that `tollhouse_sse_event`
     #: implementations can withhold or rewrite events. A compressed stream is then sent decompressed.

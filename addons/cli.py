@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import logging
 import sys
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the gateway")
     _rules_option(run)
     run.add_argument("--listen", metavar="HOST:PORT", help="forward-proxy address (overrides `listen` in the rules)")
+    run.add_argument(
+        "--base-url-listen", metavar="HOST:PORT",
+        help="base-URL listener address (overrides `base_url_listen` in the rules)",
+    )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
 
     ca = commands.add_parser("ca", help="print where the CA certificate is; optionally write a CA bundle")
@@ -82,6 +87,9 @@ def cmd_run(args) -> int:
     if args.listen:
         host, port = parse_listen(args.listen, "--listen")
         rules = rules.with_listen(host, port)
+    if args.base_url_listen:
+        host, port = parse_listen(args.base_url_listen, "--base-url-listen")
+        rules = dataclasses.replace(rules, base_url_listen_host=host, base_url_listen_port=port)
     return asyncio.run(serve(rules))
 
 

@@ -22,7 +22,8 @@ _SPEND_SQL = """
         coalesce(sum(coalesce(input_tokens, 0) + coalesce(cache_read_tokens, 0) + coalesce(cache_write_tokens, 0)), 0),
         coalesce(sum(output_tokens), 0),
         sum(cost_usd),
-        count(*) FILTER (WHERE cost_usd IS NULL)
+        count(*) FILTER (WHERE cost_usd IS NULL),
+        sum(saved_usd)
     FROM requests
     WHERE ($since IS NULL OR ts >= $since)
       AND ($project IS NULL OR project = $project)
@@ -49,6 +50,8 @@ class SpendRow:
     cost_usd: Decimal | None
     #: Calls whose cost is unknown (NULL), which are left out of cost_usd.
     unknown_cost_calls: int
+    #: Cost in US dollars that cache hits did not pay again, or None when the group had no hit.
+    saved_usd: Decimal | None = None
 
 
 def spend_report(
@@ -81,9 +84,14 @@ def format_report(rows: list[SpendRow]) -> str:
     if not rows:
         return "No calls in the request log match."
 
+    # The savings column appears only when the response cache saved something.
+    show_saved = any(row.saved_usd for row in rows)
     header = ("day", "project", "model", "calls", "input tokens", "output tokens", "cost USD", "unknown cost")
+    if show_saved:
+        header += ("saved USD",)
     table = [header]
     for row in rows:
+        saved = (_format_cost(row.saved_usd or Decimal(0)),) if show_saved else ()
         table.append(
             (
                 row.day.isoformat(),
@@ -94,6 +102,7 @@ def format_report(rows: list[SpendRow]) -> str:
                 f"{row.output_tokens:,}",
                 _format_cost(row.cost_usd),
                 f"{row.unknown_cost_calls:,}",
+                *saved,
             )
         )
 
@@ -109,6 +118,7 @@ def format_report(rows: list[SpendRow]) -> str:
             f"{sum(row.output_tokens for row in rows):,}",
             _format_cost(total_cost),
             f"{sum(row.unknown_cost_calls for row in rows):,}",
+            *((_format_cost(sum((row.saved_usd or Decimal(0) for row in rows), Decimal(0))),) if show_saved else ()),
         )
     )
 

@@ -30,6 +30,7 @@ _USAGE = {
 
 _RULES = """\
 listen: 127.0.0.1:0
+base_url_listen: 127.0.0.1:0
 data_dir: data
 providers:
   openai:

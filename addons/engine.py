@@ -6,10 +6,12 @@ import asyncio
 import logging
 import re
 import signal
+import socket
 import sys
 
 from mitmproxy import ctx
 from mitmproxy.options import Options
+from mitmproxy.proxy.mode_specs import ReverseMode
 from mitmproxy.tools.dump import DumpMaster
 
 from addons.ca import ca_dir, ensure_ca
@@ -17,6 +19,7 @@ from addons.errors import install_json_error_pages
 from addons.gateway import Gateway
 from addons.logstore import LogStore
 from addons.plugin_manager import make_plugin_manager
+from addons.routing import BASE_URL_PLACEHOLDER
 from addons.rules import Rules
 from addons.secrets import Redactor, install_log_redaction
 
@@ -37,34 +40,74 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
 
 
+def proxy_modes(rules: Rules) -> list[str]:
+    """Return mitmproxy's mode specs: the forward proxy first, then the base-URL listener.
+
+    The base-URL listener is a reverse proxy whose fixed target is a placeholder: `Gateway.requestheaders`
+    routes every request it receives, and the egress guard blocks the placeholder if routing did not run.
+    """
+    placeholder_host, placeholder_port = BASE_URL_PLACEHOLDER
+    base_url_port = rules.base_url_listen_port
+    if base_url_port == 0 and rules.listen_port == 0 and rules.base_url_listen_host == rules.listen_host:
+        # mitmproxy 12.3 rejects two servers with the same address spec, port 0 included, whenever
+        # the options change (the graceful stop does), so the base-URL listener gets a port here.
+        base_url_port = _free_port(rules.base_url_listen_host)
+    return [
+        f"regular@{rules.listen_host}:{rules.listen_port}",
+        f"reverse:http://{placeholder_host}:{placeholder_port}@{rules.base_url_listen_host}:{base_url_port}",
+    ]
+
+
+def _free_port(host: str) -> int:
+    """Return a TCP port that is free on `host` now (another process may take it before mitmproxy binds)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def mitmproxy_options(rules: Rules) -> dict:
     """Return the mitmproxy options the gateway depends on, beyond mode and confdir."""
     hosts = "|".join(re.escape(host) for host in sorted(rules.intercepted_hosts))
+    placeholder = re.escape("%s:%d" % BASE_URL_PLACEHOLDER)
     return {
         # Never connect upstream before the request hooks have rerouted the call.
         "connection_strategy": "lazy",
-        # Intercept TLS for provider hosts only; every other host passes as an untouched tunnel.
-        "allow_hosts": [rf"^(?:{hosts})(?::\d+)?$"],
+        # Intercept TLS for provider hosts only; every other host passes as an untouched tunnel. The
+        # base-URL listener's placeholder target must match too, or mitmproxy would pass its
+        # connections through as raw TCP without parsing HTTP.
+        "allow_hosts": [rf"^(?:{hosts})(?::\d+)?$", rf"^{placeholder}$"] if hosts else [rf"^{placeholder}$"],
         # The gateway answers bodies over max_request_bytes itself, in the provider's error format, but
         # mitmproxy reads such a body before the answer goes out. mitmproxy's own limit, which cuts a
         # body off while it arrives (with a less specific JSON error), sits higher and bounds the
         # memory one request can take.
         "body_size_limit": str(rules.max_request_bytes + BODY_SIZE_SLACK),
+        # HTTP/1.1 only: mitmproxy's HTTP/2 layer answers its own errors with an HTML page, where the
+        # HTTP/1.1 layer uses the JSON body from `addons.errors`. The official SDKs speak HTTP/1.1.
+        "http2": False,
     }
 
 
 class _Ready:
-    """Reports the listening address once mitmproxy is running."""
+    """Reports the listening addresses once mitmproxy is running."""
 
     def __init__(self) -> None:
         self.address: tuple[str, int] | None = None
+        self.base_url_address: tuple[str, int] | None = None
 
     def running(self) -> None:
-        addresses = ctx.master.addons.get("proxyserver").listen_addrs()
-        if addresses:
-            self.address = (addresses[0][0], addresses[0][1])
-            # The line tests and scripts wait for; stdout so it is not mixed with log output.
+        for server in ctx.master.addons.get("proxyserver").servers:
+            if not server.listen_addrs:
+                continue
+            host, port = server.listen_addrs[0][:2]
+            if isinstance(server.mode, ReverseMode):
+                self.base_url_address = (host, port)
+            else:
+                self.address = (host, port)
+        # The lines tests and scripts wait for, the proxy's first; stdout so they are not mixed with log output.
+        if self.address:
             print(f"tollhouse listening on {self.address[0]}:{self.address[1]}", flush=True)
+        if self.base_url_address:
+            print(f"tollhouse base-url listening on {self.base_url_address[0]}:{self.base_url_address[1]}", flush=True)
 
 
 def _drop_cancelled(record: logging.LogRecord) -> bool:
@@ -89,7 +132,7 @@ async def serve(rules: Rules) -> int:
     store.start()
 
     master = DumpMaster(
-        Options(mode=[f"regular@{rules.listen_host}:{rules.listen_port}"], confdir=str(ca_dir(rules.data_dir))),
+        Options(mode=proxy_modes(rules), confdir=str(ca_dir(rules.data_dir))),
         with_termlog=False,
         with_dumper=False,
     )

@@ -85,8 +85,11 @@ def _json_error_page(status_code: int, message: str = "") -> bytes:
     response = http.Response.make(
         status_code,
         json.dumps(body).encode(),
-        {"content-type": "application/json", "connection": "close", "x-should-retry": "false"},
+        {"content-type": "application/json", "connection": "close"},
     )
+    if status_code < 500:
+        # A 5xx here (upstream unreachable) may pass on a retry; a 4xx (body too large) cannot.
+        response.headers["x-should-retry"] = "false"
     return http1.assemble_response(response)
 
 

@@ -28,10 +28,22 @@ from collections.abc import Awaitable
 import pluggy
 from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons.call import Call, Price, endpoint_for
 from addons.errors import error_response
 from addons.logstore import LogStore, row_for
+from addons.routing import (
+    BASE_URL_PLACEHOLDER,
+    METADATA_HEADER,
+    TRACE_ID_HEADER,
+    Route,
+    RoutingError,
+    client_format_for,
+    read_portkey_metadata,
+    route_request,
+    strip_portkey_headers,
+)
 from addons.rules import Rules
 from addons.secrets import Redactor
 from addons.stream_tap import StreamTap
@@ -40,6 +52,11 @@ logger = logging.getLogger(__name__)
 
 #: Key of the `Call` in `flow.metadata`.
 CALL_KEY = "tollhouse.call"
+
+#: Key of `call.metadata` with the request body members that the routing config overrides.
+OVERRIDE_PARAMS_KEY = "routing.override_params"
+#: Key of `call.metadata` with the trace id sent back in `x-portkey-trace-id` (base-URL listener only).
+TRACE_ID_KEY = "routing.trace_id"
 
 # Endpoints whose requests must carry a JSON object body.
 _JSON_ENDPOINTS = {"chat.completions", "responses", "embeddings", "messages", "messages.count_tokens"}
@@ -63,6 +80,8 @@ class Gateway:
         # the requests that follow on that connection.
         self._proxy_credentials: dict[str, tuple[str, str]] = {}
         self.in_flight = 0
+        # Calls between `requestheaders` and their row, by request id.
+        self._active: dict[str, Call] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -87,6 +106,10 @@ class Gateway:
         if address is None:
             return
         host, port = address[0].lower(), address[1]
+        if (host, port) == BASE_URL_PLACEHOLDER and (host, port) not in self._upstreams:
+            data.server.error = f"tollhouse blocked a connection to {host}:{port}: a base-URL request was not routed"
+            logger.error("egress guard blocked a connection to the base-URL listener's placeholder %s:%s", host, port)
+            return
         if host in self._intercepted and (host, port) not in self._upstreams:
             data.server.error = f"tollhouse blocked a connection to {host}:{port}: not a configured provider base_url"
             logger.error("egress guard blocked a connection to %s:%s", host, port)
@@ -96,28 +119,54 @@ class Gateway:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
-        provider = self.rules.provider_for_host(flow.request.pretty_host)
-        if provider is None:
-            return
-
         request = flow.request
+        route: Route | None = None
+        routing_error: RoutingError | None = None
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            # The base-URL listener: the path and the Portkey headers choose the provider.
+            listener = "base_url"
+            client_format = client_format_for(request.path)
+            try:
+                route = route_request(self.rules, request.path, request.headers)
+            except RoutingError as e:
+                routing_error = e
+            provider = route.provider if route else None
+            endpoint = route.endpoint if route else "other"
+        else:
+            provider = self.rules.provider_for_host(request.pretty_host)
+            if provider is None:
+                return
+            listener = "proxy"
+            client_format = provider.api_format
+            endpoint = endpoint_for(provider.kind, request.path)
+
         call = Call(
             request_id="th_" + secrets.token_hex(12),
-            listener="proxy",
+            listener=listener,
             provider=provider,
+            client_format=client_format,
             method=request.method,
             path=request.path,
-            endpoint=endpoint_for(provider.kind, request.path),
+            endpoint=endpoint,
         )
         flow.metadata[CALL_KEY] = call
+        self._active[call.request_id] = call
         self.in_flight += 1
         self._idle.clear()
 
-        # Route first: nothing below may leave the flow pointing at the host the client named.
-        request.scheme = provider.scheme
-        request.host = provider.host
-        request.port = provider.port
-        request.headers["host"] = provider.host if provider.port in (80, 443) else f"{provider.host}:{provider.port}"
+        # Route first: nothing below may leave the flow pointing at the host the client named. A
+        # base-URL request that could not be routed gets a 400 response below and never connects.
+        if provider is not None:
+            request.scheme = provider.scheme
+            request.host = provider.host
+            request.port = provider.port
+            request.headers["host"] = provider.host if provider.port in (80, 443) else f"{provider.host}:{provider.port}"
+        if route is not None:
+            request.path = route.path
+            if route.override_params:
+                call.metadata[OVERRIDE_PARAMS_KEY] = route.override_params
+        if listener == "base_url":
+            call.metadata[TRACE_ID_KEY] = request.headers.get(TRACE_ID_HEADER, "").strip() or call.request_id
 
         call.proxy_credentials = self._proxy_credentials.get(flow.client_conn.id) or parse_basic_credentials(
             request.headers.pop("proxy-authorization", None)
@@ -137,6 +186,19 @@ class Gateway:
             self._reject_unauthenticated(call, flow)
             return
         call.project = project
+
+        # The Portkey headers are read here, after the project key. Plugins may read others (such as
+        # x-portkey-cache-force-refresh) in tollhouse_request; `request` removes them all before the
+        # call goes upstream.
+        trace_id = request.headers.get(TRACE_ID_HEADER, "").strip()
+        if trace_id:
+            call.tags["trace_id"] = trace_id
+        try:
+            call.tags.update(read_portkey_metadata(request.headers.get(METADATA_HEADER)))
+        except RoutingError as e:
+            routing_error = routing_error or e
+        if routing_error is not None:
+            self._reject(call, flow, routing_error.status, str(routing_error))
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         # Plain function, not a coroutine: mitmproxy awaits what a hook returns, so only calls whose
@@ -159,6 +221,10 @@ class Gateway:
             if not isinstance(body, dict):
                 self._reject(call, flow, 400, "request body must be a JSON object")
                 return
+            overrides = call.metadata.get(OVERRIDE_PARAMS_KEY)
+            if overrides:
+                body.update(overrides)
+                flow.request.content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             call.request_json = body
             model = body.get("model")
             call.model = model if isinstance(model, str) else None
@@ -172,6 +238,7 @@ class Gateway:
         pending = [result for result in results if inspect.isawaitable(result)]
         if pending:
             return self._await_request_hooks(call, flow, pending)
+        strip_portkey_headers(flow.request.headers)
         if flow.response is not None:
             call.answered_by_gateway = True
         return None
@@ -183,6 +250,7 @@ class Gateway:
             except Exception as e:
                 self._plugin_failed(call, flow, "tollhouse_request", e)
                 return
+        strip_portkey_headers(flow.request.headers)
         if flow.response is not None:
             call.answered_by_gateway = True
 
@@ -195,6 +263,7 @@ class Gateway:
         response = flow.response
         call.status = response.status_code
         response.headers["x-tollhouse-request-id"] = call.request_id
+        set_portkey_headers(call, response)
         if call.answered_by_gateway:
             return
 
@@ -246,7 +315,17 @@ class Gateway:
         if call is None:
             return
         message = flow.error.msg if flow.error else "unknown error"
-        if flow.response is not None:
+        if flow.response is not None and call.stream_finished:
+            # The stream's final event had been sent; the OpenAI SDK closes its connection right
+            # after `data: [DONE]`, before upstream's end of body. The call is complete.
+            call.status = flow.response.status_code
+            self._finish(call)
+            return
+        if flow.response is not None and not flow.response.stream:
+            # Upstream closed before the whole (buffered) answer arrived: mitmproxy answered 502.
+            call.status = 502
+            call.error = f"upstream closed the connection before the answer was complete: {message}"
+        elif flow.response is not None:
             # The answer had started: the stream was cut by the client or by upstream.
             call.status = flow.response.status_code
             call.error = f"stream ended early: {message}"
@@ -269,6 +348,7 @@ class Gateway:
     # -- helpers -------------------------------------------------------------------------------------
 
     def _finish(self, call: Call) -> None:
+        self._active.pop(call.request_id, None)
         call.ended = time.monotonic()
         if call.error:
             call.error = self.redactor.mask(call.error)
@@ -288,6 +368,10 @@ class Gateway:
             row = row_for(call)
         self.store.put(row)
         log_call(call)
+        try:
+            self.pm.hook.tollhouse_call_end(call=call)
+        except Exception:
+            logger.exception("call %s: tollhouse_call_end failed", call.request_id)
 
         self.in_flight -= 1
         if self.in_flight <= 0:
@@ -297,12 +381,15 @@ class Gateway:
     def _reject(self, call: Call, flow: http.HTTPFlow, status: int, message: str, code: str | None = None) -> None:
         call.answered_by_gateway = True
         call.error = message
-        flow.response = error_response(call.provider.kind, status, message, code=code, request_id=call.request_id)
+        flow.response = error_response(call.client_format, status, message, code=code, request_id=call.request_id)
+        set_portkey_headers(call, flow.response)
 
     def _reject_unauthenticated(self, call: Call, flow: http.HTTPFlow) -> None:
-        kind = call.provider.kind
+        kind = call.client_format
         where = "x-api-key or Authorization: Bearer" if kind == "anthropic" else "Authorization: Bearer"
         env = "ANTHROPIC_API_KEY" if kind == "anthropic" else "OPENAI_API_KEY"
+        if call.listener == "base_url":
+            where += " or x-portkey-api-key"
         if call.proxy_credentials is not None or has_credential(flow.request.headers):
             message = (
                 "tollhouse: unknown project key. Set the client's API key (for example "
@@ -336,8 +423,24 @@ class Gateway:
             return False
 
     def done(self) -> None:
-        if self.in_flight:
-            logger.warning("shutting down with %d call(s) still in flight; their rows are not written", self.in_flight)
+        """Write a row for every call still in flight when mitmproxy shuts down."""
+        if self._active:
+            logger.warning("shutting down with %d call(s) still in flight; logging them as cut off", len(self._active))
+        for call in list(self._active.values()):
+            call.error = "the gateway stopped before the call ended"
+            if call.usage is not None:
+                call.usage_complete = False
+            self._finish(call)
+
+
+def set_portkey_headers(call: Call, response: http.Response) -> None:
+    """Add `x-portkey-provider` and `x-portkey-trace-id` to an answer of the base-URL listener."""
+    trace_id = call.metadata.get(TRACE_ID_KEY)
+    if trace_id is None:
+        return
+    response.headers["x-portkey-trace-id"] = trace_id
+    if call.provider is not None:
+        response.headers["x-portkey-provider"] = call.provider.name
 
 
 def parse_basic_credentials(header: str | None) -> tuple[str, str] | None:

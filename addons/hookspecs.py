@@ -55,7 +55,8 @@ def tollhouse_authenticate(call: Call, flow: http.HTTPFlow) -> Project | None:
     Runs when the request headers have arrived and the request has been routed to its provider
     (``call.provider`` is set), before the body is read. The first non-None result wins. When every
     implementation returns None, the gateway answers 401 in the provider's error format and nothing is
-    sent upstream.
+    sent upstream. A base-URL request whose routing failed still comes here with ``call.provider``
+    None, so that an unknown client gets the 401 before the 400 that names the configured providers.
 
     :param call: the call; ``call.proxy_credentials`` holds credentials from the proxy URL, if any.
     :param flow: the mitmproxy flow; only the request headers are present.
@@ -144,4 +145,14 @@ def tollhouse_log_row(call: Call, row: dict) -> None:
     Runs last for every call. ``row`` maps column names to values; implementations may change values
     but not add columns (put extra labels into ``call.tags`` before this hook, or into ``row["tags"]``,
     a dict stored as JSON). The row is written after this hook, off the event loop.
+    """
+
+
+@hookspec
+def tollhouse_call_end(call: Call) -> None:
+    """Release what a plugin keeps for a call: a concurrency slot, a token reservation, waiting calls.
+
+    Runs once for every routed call when it ends, after `tollhouse_log_row`: answered, rejected, failed,
+    or cut off by the client or by upstream. ``call.price`` and ``call.usage`` are final. Calls still in
+    flight when the gateway shuts down get neither a row nor this call. An exception is logged.
     """

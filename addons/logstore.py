@@ -73,7 +73,7 @@ _TOKENS_NOTE = "NULL when the response reported no usage."
 COLUMNS: list[tuple[str, str, str]] = [
     ("ts", "TIMESTAMPTZ", "When the request headers arrived (call start), UTC. Never NULL."),
     ("request_id", "VARCHAR", "Unique id of the call. Never NULL."),
-    ("listener", "VARCHAR", 'Listener that received the call: "proxy" for the forward proxy.'),
+    ("listener", "VARCHAR", 'Listener that received the call: "proxy" (forward proxy) or "base_url" (base-URL listener).'),
     ("project", "VARCHAR", "Project name from the rules. NULL when the call matched no project."),
     ("provider", "VARCHAR", "Provider name from the rules. NULL when no provider matched."),
     ("endpoint", "VARCHAR", 'Endpoint name such as "chat.completions" or "messages", or "other" for paths that are not priced.'),
@@ -113,11 +113,21 @@ COLUMNS: list[tuple[str, str, str]] = [
     (
         "price_flag",
         "VARCHAR",
-        "How the cost was reached: priced, override, partial, unknown_model, missing_usage or not_billed.",
+        "How the cost was reached: priced, override, partial, unknown_model, missing_usage, not_billed or cache_hit.",
     ),
     ("tags", "JSON", "Free-form labels as a JSON object of strings."),
     ("request_body", "VARCHAR", "Request body with secrets masked. NULL unless body logging is enabled."),
     ("response_body", "VARCHAR", "Response body with secrets masked. NULL unless body logging is enabled."),
+    (
+        "cache_status",
+        "VARCHAR",
+        "Response cache decision: HIT, MISS, REFRESH or DISABLED. NULL when the cache was not consulted.",
+    ),
+    (
+        "saved_usd",
+        "DECIMAL(18,10)",
+        "For a cache hit (cost_usd 0), the cost in US dollars of the original answer. NULL otherwise.",
+    ),
 ]
 
 COLUMN_NAMES = [name for name, _, _ in COLUMNS]
@@ -232,6 +242,8 @@ def row_for(call: Call) -> dict[str, Any]:
         "tags": dict(call.tags),
         "request_body": call.request_body,
         "response_body": call.response_body,
+        "cache_status": call.cache_status,
+        "saved_usd": call.saved_usd,
     }
 
 

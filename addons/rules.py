@@ -14,18 +14,33 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 
-#: API kinds the gateway can price and authenticate, with the hosts their SDKs call by default.
+if TYPE_CHECKING:
+    from addons.policy_rules import BudgetRules, CacheRules, RateLimitRules
+
+#: API kinds the gateway can price and authenticate, with the hosts their SDKs call by default. Azure
+#: resources and OpenAI-compatible servers have no common host: the forward proxy intercepts them only
+#: when the provider lists `hosts`, and the base-URL listener reaches them without.
 KIND_HOSTS = {
     "openai": ("api.openai.com",),
     "anthropic": ("api.anthropic.com",),
+    "azure": (),
+    "openai-compatible": (),
 }
 
+#: The wire format of each kind: its request and response bodies, error bodies and usage objects.
+KIND_FORMATS = {"openai": "openai", "anthropic": "anthropic", "azure": "openai", "openai-compatible": "openai"}
+
+#: genai-prices provider id of each kind. An openai-compatible provider takes `price_provider` from the
+#: rules, or `plugins.pricing` finds it from the base URL.
+KIND_PRICE_PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "azure": "azure"}
+
 DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_BASE_URL_LISTEN = "0.0.0.0:8787"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 
@@ -48,7 +63,8 @@ class Provider:
     """An upstream API the gateway forwards to."""
 
     name: str
-    #: "openai" or "anthropic": decides the auth headers, error format and usage parsing.
+    #: "openai", "anthropic", "azure" or "openai-compatible": decides the auth headers, error format and
+    #: usage parsing (through `api_format`).
     kind: str
     #: Where calls are sent, e.g. "https://api.openai.com" or a test server's "http://127.0.0.1:PORT".
     scheme: str
@@ -58,6 +74,17 @@ class Provider:
     hosts: tuple[str, ...]
     #: Name of the gateway's environment variable that holds the real key.
     key_env: str
+    #: Path prefix of the base URL without a trailing slash (e.g. "/openai" for Groq), or "".
+    base_path: str = ""
+    #: Azure deployment name -> model name, used to price calls to a deployment.
+    deployments: dict[str, str] = field(default_factory=dict, hash=False)
+    #: genai-prices provider id, or None when genai-prices has no prices for this provider.
+    price_provider: str | None = None
+
+    @property
+    def api_format(self) -> str:
+        """"openai" or "anthropic": the wire format this provider speaks."""
+        return KIND_FORMATS[self.kind]
 
     @property
     def api_key(self) -> str | None:
@@ -67,6 +94,17 @@ class Provider:
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A named routing config for the base-URL listener, selected by the `x-portkey-config` header."""
+
+    name: str
+    #: Name of the provider the route sends calls to.
+    provider: str
+    #: Request body members that replace the client's values (for example a fixed `model`).
+    override_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +162,15 @@ class Rules:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     #: Seconds that SIGTERM waits for calls in flight before closing them.
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: Address of the base-URL listener (Portkey-compatible `http://HOST:PORT/v1`).
+    base_url_listen_host: str = "0.0.0.0"
+    base_url_listen_port: int = 8787
+    #: Named routing configs for the base-URL listener's `x-portkey-config` header.
+    routes: dict[str, Route] = field(default_factory=dict)
+    #: The `cache`, `rate_limits` and `budgets` sections (`addons.policy_rules`); empty ones turn the feature off.
+    cache: CacheRules = field(default_factory=lambda: _policy_rules().CacheRules())
+    rate_limits: RateLimitRules = field(default_factory=lambda: _policy_rules().RateLimitRules())
+    budgets: BudgetRules = field(default_factory=lambda: _policy_rules().BudgetRules())
 
     def with_listen(self, host: str, port: int) -> Rules:
         return dataclasses.replace(self, listen_host=host, listen_port=port)
@@ -167,10 +214,17 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         top,
         "rules file",
         {"listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
-         "max_request_bytes", "shutdown_grace"},
+         "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets"},
     )
 
     listen_host, listen_port = parse_listen(top.get("listen", DEFAULT_LISTEN), "listen")
+    base_url_host, base_url_port = parse_listen(top.get("base_url_listen", DEFAULT_BASE_URL_LISTEN), "base_url_listen")
+    overlapping = base_url_host == listen_host or "0.0.0.0" in (base_url_host, listen_host)
+    if base_url_port != 0 and base_url_port == listen_port and overlapping:
+        raise RulesError(
+            "base_url_listen", top.get("base_url_listen", DEFAULT_BASE_URL_LISTEN), f"uses the port of listen ({listen_port})",
+            "Give the base-URL listener its own port, like 0.0.0.0:8787.",
+        )
     data_dir = _path(top.get("data_dir", "data"), "data_dir", base_dir)
 
     providers_raw = _mapping(top.get("providers"), "providers")
@@ -183,6 +237,7 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
     if not projects_raw:
         raise RulesError("projects", projects_raw, "is empty", "Declare at least one project with key_env or key_sha256.")
     projects = {name: _project(name, spec) for name, spec in projects_raw.items()}
+    routes = {name: _route(name, spec, providers) for name, spec in _mapping(top.get("routes", {}), "routes").items()}
 
     logging_rules = _logging(top.get("logging", {}), data_dir)
     prices = {str(model): _price(str(model), spec) for model, spec in _mapping(top.get("prices", {}), "prices").items()}
@@ -202,6 +257,12 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         plugin_settings=dict(settings),
         max_request_bytes=_positive_int(top.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES), "max_request_bytes"),
         shutdown_grace=_positive_number(top.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), "shutdown_grace"),
+        base_url_listen_host=base_url_host,
+        base_url_listen_port=base_url_port,
+        routes=routes,
+        cache=_policy_rules().parse_cache(top.get("cache", {}), projects),
+        rate_limits=_policy_rules().parse_rate_limits(top.get("rate_limits", {}), projects, providers),
+        budgets=_policy_rules().parse_budgets(top.get("budgets", {}), projects),
     )
 
 
@@ -217,7 +278,7 @@ def _provider(name: Any, spec: Any) -> Provider:
     key = f"providers.{name}"
     _check_name(name, key)
     spec = _mapping(spec, key)
-    _reject_unknown(spec, key, {"kind", "base_url", "key_env", "hosts"})
+    _reject_unknown(spec, key, {"kind", "base_url", "key_env", "hosts", "deployments", "price_provider"})
 
     kind = spec.get("kind", name if name in KIND_HOSTS else None)
     if kind not in KIND_HOSTS:
@@ -229,10 +290,16 @@ def _provider(name: Any, spec: Any) -> Provider:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RulesError(f"{key}.base_url", base_url, "is not an http(s) URL", "Set it like https://api.openai.com.")
-    if parts.path.strip("/") or parts.query:
+    base_path = parts.path.rstrip("/")
+    if parts.query or (base_path and kind != "openai-compatible"):
         raise RulesError(
             f"{key}.base_url", base_url, "has a path or query",
             "Give scheme, host and port only; request paths such as /v1/messages are kept as the client sent them.",
+        )
+    if base_path.endswith("/v1"):
+        raise RulesError(
+            f"{key}.base_url", base_url, "ends with /v1",
+            "Leave out the trailing /v1: request paths such as /v1/chat/completions are appended to the base URL.",
         )
     port = parts.port or (443 if parts.scheme == "https" else 80)
 
@@ -242,8 +309,27 @@ def _provider(name: Any, spec: Any) -> Provider:
 
     hosts = spec.get("hosts", list(KIND_HOSTS[kind]))
     hosts = _list(hosts, f"{key}.hosts")
-    if not hosts or not all(isinstance(h, str) and h for h in hosts):
-        raise RulesError(f"{key}.hosts", hosts, "must be a non-empty list of host names", f"For example: [{KIND_HOSTS[kind][0]}].")
+    # Kinds without a default host may leave `hosts` out: the base-URL listener reaches them anyway.
+    if (not hosts and KIND_HOSTS[kind]) or not all(isinstance(h, str) and h for h in hosts):
+        example = KIND_HOSTS[kind][0] if KIND_HOSTS[kind] else "myresource.openai.azure.com"
+        raise RulesError(f"{key}.hosts", hosts, "must be a non-empty list of host names", f"For example: [{example}].")
+
+    deployments = _mapping(spec.get("deployments", {}), f"{key}.deployments")
+    if deployments and kind != "azure":
+        raise RulesError(f"{key}.deployments", deployments, "is only valid for kind azure", "Remove it, or set kind: azure.")
+    for deployment, model in deployments.items():
+        if not isinstance(deployment, str) or not isinstance(model, str) or not model:
+            raise RulesError(
+                f"{key}.deployments.{deployment}", model, "is not a model name",
+                "Map each deployment name to the model it serves, like prod-gpt4o: gpt-4o.",
+            )
+
+    price_provider = spec.get("price_provider", KIND_PRICE_PROVIDERS.get(kind))
+    if price_provider is not None and (not isinstance(price_provider, str) or not _NAME.match(price_provider)):
+        raise RulesError(
+            f"{key}.price_provider", price_provider, "is not a provider id",
+            "Give a genai-prices provider id such as groq, mistral or openrouter, or leave it out.",
+        )
 
     return Provider(
         name=name,
@@ -253,7 +339,22 @@ def _provider(name: Any, spec: Any) -> Provider:
         port=port,
         hosts=tuple(h.lower() for h in hosts),
         key_env=key_env,
+        base_path=base_path,
+        deployments=dict(deployments),
+        price_provider=price_provider,
     )
+
+
+def _route(name: Any, spec: Any, providers: dict[str, Provider]) -> Route:
+    key = f"routes.{name}"
+    _check_name(name, key)
+    spec = _mapping(spec, key)
+    _reject_unknown(spec, key, {"provider", "override_params"})
+    provider = spec.get("provider")
+    if provider not in providers:
+        raise RulesError(f"{key}.provider", provider, "is not a provider of the rules", f"Use one of: {', '.join(providers)}.")
+    override_params = _mapping(spec.get("override_params", {}), f"{key}.override_params")
+    return Route(name=name, provider=provider, override_params=dict(override_params))
 
 
 def _project(name: Any, spec: Any) -> Project:
@@ -404,3 +505,10 @@ def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise RulesError(key, value, "is not a positive whole number", "Give a whole number greater than 0.")
     return value
+
+
+def _policy_rules():
+    # Imported late: addons.policy_rules imports this module's helpers.
+    from addons import policy_rules
+
+    return policy_rules

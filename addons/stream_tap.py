@@ -11,6 +11,10 @@ from addons.sse import SSEReader
 
 logger = logging.getLogger(__name__)
 
+# Names of the events that end a stream: Anthropic Messages and the OpenAI Responses API. OpenAI Chat
+# Completions ends with `data: [DONE]` instead.
+_FINAL_EVENTS = frozenset({"message_stop", "response.completed", "response.incomplete", "response.failed"})
+
 
 class StreamTap:
     """mitmproxy's `flow.response.stream` callable for server-sent events.
@@ -41,6 +45,10 @@ class StreamTap:
         except Exception as e:
             # An undecodable stream still reaches the client unchanged; only its usage is lost.
             return self._give_up(chunk, e)
+
+        for event in events:
+            if event.event in _FINAL_EVENTS or event.data == "[DONE]":
+                self.call.stream_finished = True
 
         if not self.rewrite:
             for event in events:

@@ -15,14 +15,14 @@ _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authoriza
 
 @hookimpl(trylast=True)
 def tollhouse_request(call, flow) -> None:
-    if flow.response is not None:
+    if flow.response is not None or call.provider is None:
         return
     provider = call.provider
     real_key = provider.api_key
     if real_key is None:
         call.answered_by_gateway = True
         flow.response = error_response(
-            provider.kind,
+            call.client_format or provider.api_format,
             500,
             f"tollhouse has no key for provider {provider.name!r}: set {provider.key_env} in the gateway's "
             "environment and restart it.",
@@ -36,5 +36,7 @@ def tollhouse_request(call, flow) -> None:
         headers.pop(name, None)
     if provider.kind == "anthropic":
         headers["x-api-key"] = real_key
+    elif provider.kind == "azure":
+        headers["api-key"] = real_key
     else:
         headers["authorization"] = f"Bearer {real_key}"

@@ -9,7 +9,11 @@ The decision, in order:
 3. A price override from the rules, looked up by `call.response_model` and then by `call.model`:
    "override".
 4. genai-prices 0.2.3 (offline data bundled with the package), looked up by the same two names with
-   the provider kind as provider id: "priced", or None and "unknown_model" when neither name is known.
+   the provider's `price_provider` as provider id: "priced", or None and "unknown_model" when
+   neither name is known or the provider has no `price_provider`. The id is the kind for openai,
+   anthropic and azure. For an openai-compatible provider it is `price_provider` from the rules, or
+   else the genai-prices provider whose API URL pattern matches the base URL. For Azure, deployment
+   names are first mapped to models through the provider's `deployments`.
 
 A priced or overridden cost of a call whose usage is incomplete (`call.usage_complete` is False) is
 flagged "partial" instead.
@@ -23,7 +27,8 @@ tollhouse never starts one. Importing the package and calling `calc_price` read 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -41,12 +46,16 @@ if TYPE_CHECKING:
 PRICE_CONTEXT_KEY = "pricing.context"
 
 _TOKENS_PER_RATE = Decimal(1_000_000)
+_AZURE_DEPLOYMENT = re.compile(r"^/openai/deployments/([^/]+)/")
 _NOT_BILLED = Price(Decimal(0), "not_billed")
 
 
 @dataclass(slots=True)
 class _State:
     overrides: dict[str, PriceOverride]
+    #: genai-prices provider id of each openai-compatible provider without `price_provider`, found
+    #: by matching its base URL against the providers' API URL patterns in the bundled data.
+    inferred_providers: dict[str, str] = field(default_factory=dict)
 
 
 _state = _State(overrides={})
@@ -56,7 +65,16 @@ _state = _State(overrides={})
 def tollhouse_configure(rules: Rules) -> None:
     _state.overrides = dict(rules.prices)
     # Load the bundled price data now, so the first priced call does not pay for it on the event loop.
-    get_snapshot()
+    snapshot = get_snapshot()
+    _state.inferred_providers = {}
+    for provider in getattr(rules, "providers", {}).values():
+        if provider.kind != "openai-compatible" or provider.price_provider is not None:
+            continue
+        base_url = f"{provider.scheme}://{provider.host}{provider.base_path}"
+        for known in snapshot.providers:
+            if known.api_pattern and re.match(known.api_pattern, base_url):
+                _state.inferred_providers[provider.name] = known.id
+                break
 
 
 def override_cost(usage: Usage, rates: PriceOverride) -> Decimal:
@@ -94,7 +112,13 @@ def genai_prices_cost(call: Call, usage: Usage) -> Decimal | None:
         output_tokens=usage.output_tokens,
     )
     context = call.metadata.get(PRICE_CONTEXT_KEY)
-    provider_id = call.provider.kind if call.provider is not None else None
+    provider_id = getattr(call.provider, "price_provider", call.provider.kind) if call.provider is not None else None
+    if call.provider is not None and provider_id is None:
+        provider_id = _state.inferred_providers.get(call.provider.name)
+    if call.provider is not None and provider_id is None:
+        # genai-prices would guess a provider from the model name alone, which prices a model served
+        # by an unknown OpenAI-compatible server at some other provider's rates.
+        return None
     for model_ref in _model_names(call):
         try:
             calculation = genai_prices.calc_price(
@@ -112,8 +136,18 @@ def genai_prices_cost(call: Call, usage: Usage) -> Decimal | None:
 
 
 def _model_names(call: Call) -> list[str]:
+    candidates = [call.response_model]
+    deployments = getattr(call.provider, "deployments", None) or {}
+    if deployments:
+        # Azure: the deployment in the path (classic form) or the body's model (v1 form) names a
+        # deployment, which the rules map to the model it serves.
+        deployment = _AZURE_DEPLOYMENT.match(call.path.split("?", 1)[0])
+        if deployment:
+            candidates.append(deployments.get(deployment.group(1)))
+        candidates.append(deployments.get(call.model or ""))
+    candidates.append(call.model)
     names: list[str] = []
-    for name in (call.response_model, call.model):
+    for name in candidates:
         if name and name not in names:
             names.append(name)
     return names

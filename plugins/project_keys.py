@@ -1,8 +1,8 @@
 """Identifies a call's project by its project key.
 
 A client presents its project key where its SDK already sends an API key (OpenAI: `Authorization:
-Bearer`; Anthropic: `x-api-key` or `Authorization: Bearer`), or as the password of its proxy URL
-(`http://PROJECT:KEY@tollhouse:8080`). Keys are compared by their sha256 digest, the only form the rules
+Bearer`; Anthropic: `x-api-key` or `Authorization: Bearer`; Azure OpenAI: `api-key`), in Portkey's
+`x-portkey-api-key` header, or as the password of its proxy URL (`http://PROJECT:KEY@tollhouse:8080`). Keys are compared by their sha256 digest, the only form the rules
 file holds.
 """
 
@@ -25,12 +25,20 @@ def tollhouse_configure(rules: Rules) -> None:
 
 
 def presented_key(call, flow) -> str | None:
-    """Return the project key the client sent: proxy credentials first, then the SDK's API-key header."""
+    """Return the project key the client sent.
+
+    The order: proxy credentials, `x-portkey-api-key`, then the SDK's API-key header.
+    """
     if call.proxy_credentials:
         return call.proxy_credentials[1]
     headers = flow.request.headers
-    if call.provider.kind == "anthropic" and headers.get("x-api-key"):
+    if headers.get("x-portkey-api-key", "").strip():
+        return headers["x-portkey-api-key"].strip()
+    client_format = call.client_format or (call.provider.api_format if call.provider else None)
+    if client_format == "anthropic" and headers.get("x-api-key"):
         return headers["x-api-key"]
+    if call.provider is not None and call.provider.kind == "azure" and headers.get("api-key"):
+        return headers["api-key"]
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 INJECTED_KEY = "stream_usage.injected"
 
 _INCLUDE_USAGE = {"include_usage": True}
+# Kinds known to accept `stream_options.include_usage`.
+# NOTE: openai-compatible servers are left out because not all of them accept the option.
+_USAGE_OPTION_KINDS = ("openai", "azure")
+#: `call.metadata` key that `plugins.translation` sets on calls it translates.
+TRANSLATED_KEY = "translation.active"
 # `"usage":null` with the comma that joins it to its neighbour: before it when it is not the first
 # member, otherwise after it. Optional whitespace covers servers that do not send compact JSON.
 _USAGE_NULL_MEMBER = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
@@ -66,7 +71,10 @@ def _rewrite_body(flow: http.HTTPFlow, request_json: dict[str, Any]) -> None:
 def tollhouse_request(call: Call, flow: http.HTTPFlow) -> None:
     if flow.response is not None:
         return
-    if call.provider is None or call.provider.kind != "openai" or call.endpoint != "chat.completions":
+    if call.provider is None or call.provider.kind not in _USAGE_OPTION_KINDS or call.endpoint != "chat.completions":
+        return
+    if call.metadata.get(TRANSLATED_KEY):
+        # A translated stream is rebuilt event by event and needs the usage chunk itself.
         return
     request_json = call.request_json
     if not call.stream or request_json is None or _client_requested_usage(request_json):

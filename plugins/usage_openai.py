@@ -79,7 +79,8 @@ def apply_openai_body(call: Call, body: dict[str, Any]) -> None:
 
 
 def _is_openai(call: Call) -> bool:
-    return call.provider is not None and call.provider.kind == "openai"
+    # Azure and OpenAI-compatible providers report usage in OpenAI's shape.
+    return call.provider is not None and getattr(call.provider, "api_format", call.provider.kind) == "openai"
 
 
 def _is_event_stream(response: http.Response) -> bool:

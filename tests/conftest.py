@@ -35,6 +35,7 @@ def rules_text(fake_port: int, **overrides: str) -> str:
     """Return a rules file sending both providers to the fake upstream on `fake_port`."""
     text = f"""
     listen: 127.0.0.1:0
+    base_url_listen: 127.0.0.1:0
     data_dir: data
     providers:
       openai:

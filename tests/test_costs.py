@@ -172,3 +172,35 @@ def test_format_report_unknown_cost_not_zero():
 
 def test_format_report_empty():
     assert format_report([]) == "No calls in the request log match."
+
+
+def test_format_report_saved_column():
+    rows = [
+        SpendRow(date(2025, 3, 5), "team-c", "m", 3, 10, 10, Decimal("0.5"), 0, Decimal("1.25")),
+        SpendRow(date(2025, 3, 6), "team-c", "m", 1, 10, 10, Decimal("0.5"), 0, None),
+    ]
+
+    lines = format_report(rows).splitlines()
+
+    assert lines[0].split()[-2:] == ["saved", "USD"]
+    assert lines[1].split()[-1] == "1.250000"
+    assert lines[2].split()[-1] == "0.000000"
+    assert lines[-1].split()[-1] == "1.250000"
+
+
+def test_spend_report_sums_saved(tmp_path: Path):
+    db_path = tmp_path / "saved.duckdb"
+    hit = make_call("hit", utc(7), "team-a", "gpt-4o", "0", flag="cache_hit")
+    hit.cache_status = "HIT"
+    hit.saved_usd = Decimal("0.0021")
+    store = LogStore(db_path, flush_interval=0.05)
+    store.start()
+    store.put(row_for(hit))
+    store.put(row_for(make_call("miss", utc(7, 13), "team-a", "gpt-4o", "0.0021")))
+    store.close()
+
+    [row] = spend_report(db_path)
+
+    assert row.calls == 2
+    assert row.cost_usd == Decimal("0.0021")
+    assert row.saved_usd == Decimal("0.0021")

@@ -391,3 +391,69 @@ def test_docs_team_plugin_example(fake, tmp_path, monkeypatch):
     received = fake.received[before:]
     assert len(received) == 2
     assert [request.header("x-team") for request in received] == [None, None]
+
+
+def test_sigterm_past_grace_logs_cut_call(tmp_path, monkeypatch):
+    fake = FakeUpstream(chunk_delay=0.5, expected_keys={"openai": OPENAI_REAL_KEY, "anthropic": ANTHROPIC_REAL_KEY})
+    fake.start_in_thread()
+    gateway = None
+    try:
+        rules = rules_text(fake.port).replace("shutdown_grace: 20", "shutdown_grace: 1")
+        gateway = start_gateway(tmp_path / "gateway", rules, GATEWAY_ENV)
+        use_gateway(gateway, monkeypatch)
+        stream = anthropic_client().messages.create(
+            model=MODEL,
+            max_tokens=500,
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"x-fake-text": urllib.parse.quote(LONG_TEXT), "x-fake-usage": '{"input_tokens": 37}'},
+        )
+        rid = request_id(stream.response)
+        gateway.process.send_signal(signal.SIGTERM)
+        with pytest.raises(Exception):
+            for _ in stream:
+                pass
+        exit_code = gateway.process.wait(timeout=PROCESS_TIMEOUT)
+    finally:
+        if gateway is not None and gateway.process.poll() is None:
+            gateway.stop(signal.SIGKILL)
+        fake.stop_thread()
+
+    assert exit_code == 0
+    assert "1 call(s) still in flight after 1 s" in gateway.stderr()
+    with connect_readonly(gateway.database, timeout=10.0) as con:
+        rows = con.execute(
+            "SELECT status, error, input_tokens, cost_usd, price_flag FROM requests WHERE request_id = ?", [rid]
+        ).fetchall()
+    # Cut after message_start: priced on the usage seen so far, flagged partial.
+    assert len(rows) == 1
+    status, error, input_tokens, cost, flag = rows[0]
+    assert (status, input_tokens, flag) == (200, 37, "partial")
+    assert error == "the gateway stopped before the call ended"
+    # 37 input tokens x $1.50 + the provisional output token of message_start x $6, per 1M.
+    assert cost == Decimal("0.0000615")
+
+
+def test_openai_stream_closed_after_done_is_complete(tmp_path, monkeypatch):
+    # The upstream pauses between `data: [DONE]` and the end of its body; the OpenAI SDK closes the
+    # connection as soon as it reads [DONE], which the gateway sees as an early disconnect.
+    fake = FakeUpstream(chunk_delay=0.3, expected_keys={"openai": OPENAI_REAL_KEY, "anthropic": ANTHROPIC_REAL_KEY})
+    fake.start_in_thread()
+    gateway = None
+    try:
+        gateway = start_gateway(tmp_path / "gateway", rules_text(fake.port), GATEWAY_ENV)
+        use_gateway(gateway, monkeypatch)
+        with openai_client().chat.completions.with_streaming_response.create(
+            model=MODEL, messages=MESSAGES, stream=True
+        ) as response:
+            rid = request_id(response)
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
+        row = gateway.wait_row(rid)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        fake.stop_thread()
+
+    assert text == "Hello from the fake upstream."
+    assert (row["status"], row["error"], row["price_flag"]) == (200, None, "override")
+    assert row["output_tokens"] > 0

@@ -617,6 +617,22 @@ def test_upstream_cut_mid_stream(fake, proxy_env):
     assert row["cost_usd"] == cost(37, 1)
 
 
+def test_upstream_cut_json_answer(fake, proxy_env):
+    before = len(fake.received)
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        openai_client().chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_headers={"x-fault": "cut"}, extra_query={"case": "cut-json"}
+        )
+
+    # mitmproxy answers 502 itself when upstream closes before the whole buffered answer arrived.
+    assert caught.value.response.status_code == 502
+    assert not fake.sent[before].complete
+    rows = wait_rows(proxy_env, "path = ?", ("/v1/chat/completions?case=cut-json",))
+    assert [(r["status"], r["price_flag"]) for r in rows] == [(502, "not_billed")]
+    assert rows[0]["error"].startswith("upstream closed the connection before the answer was complete")
+
+
 def test_anthropic_midstream_error_event(fake, proxy_env):
     stream = anthropic_client().messages.create(
         model=MODEL,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import math
 import random
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -85,7 +86,10 @@ def error_reply(
 
 
 def presented_key(request: ReceivedRequest) -> str | None:
-    """Return the key from `Authorization: Bearer <key>`, or None when there is none."""
+    """Return the key from `Authorization: Bearer <key>` or Azure's `api-key`, or None when there is none."""
+    azure_key = request.header("api-key")
+    if azure_key is not None:
+        return azure_key
     authorization = request.header("authorization")
     if authorization is None:
         return None
@@ -165,9 +169,21 @@ def _requested_model(exchange: Exchange) -> str:
     return model if isinstance(model, str) else "unknown"
 
 
+_AZURE_DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/[^/]+(/.*)$")
+
+
 def route(method: str, path: str) -> Callable[[Exchange], Reply] | None:
-    """Return the handler for `method` and `path`, or None when this fake does not serve them."""
+    """Return the handler for `method` and `path`, or None when this fake does not serve them.
+
+    Azure's paths (`/openai/deployments/{deployment}/...` and `/openai/v1/...`) and paths under a
+    base-URL prefix (`/prefix/v1/...`) are served like the `/v1/...` path they end with.
+    """
     path = path.rstrip("/")
+    deployment = _AZURE_DEPLOYMENT_PATH.match(path)
+    if deployment:
+        path = "/v1" + deployment.group(1)
+    elif not path.startswith("/v1/") and "/v1/" in path:
+        path = path[path.index("/v1/"):]
     if method == "POST":
         return {"/v1/chat/completions": chat_completions, "/v1/responses": responses, "/v1/embeddings": embeddings}.get(
             path

@@ -34,18 +34,31 @@ class GatewayProcess:
     ca_cert: Path
     stderr_path: Path
     stdout_lines: list[str] = field(default_factory=list)
+    #: Port of the base-URL listener, or None when the process did not report one.
+    base_url_port: int | None = None
 
     @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def base_url(self) -> str:
+        """The base-URL listener's root, e.g. for `ANTHROPIC_BASE_URL`; OpenAI clients append /v1."""
+        return f"http://127.0.0.1:{self.base_url_port}"
+
     def stderr(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `sig` and return the exit code; a process still running after `timeout` s is killed."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout)
+            raise RuntimeError(f"gateway did not stop within {timeout} s after signal {sig}; killed it") from None
 
     def rows(self, where: str = "TRUE", params: tuple = ()) -> list[dict]:
         with connect_readonly(self.database, timeout=10.0) as con:
@@ -90,12 +103,16 @@ def start_gateway(workdir: Path, rules: str, env: dict | None = None) -> Gateway
     lines: list[str] = []
     ready = threading.Event()
     port_holder: list[int] = []
+    base_url_holder: list[int] = []
 
     def read_stdout() -> None:
         for line in process.stdout:
             lines.append(line)
             if line.startswith("tollhouse listening on ") and not port_holder:
                 port_holder.append(int(line.rsplit(":", 1)[1]))
+            elif line.startswith("tollhouse base-url listening on ") and not base_url_holder:
+                base_url_holder.append(int(line.rsplit(":", 1)[1]))
+            if port_holder and base_url_holder:
                 ready.set()
         ready.set()
 
@@ -112,4 +129,5 @@ def start_gateway(workdir: Path, rules: str, env: dict | None = None) -> Gateway
         ca_cert=data_dir / "ca" / "mitmproxy-ca-cert.pem",
         stderr_path=stderr_path,
         stdout_lines=lines,
+        base_url_port=base_url_holder[0] if base_url_holder else None,
     )
