@@ -59,3 +59,18 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$TOLLHOUSE_ROOT[test]"
     echo "$WANT" > "$STAMP"
 fi
+
+# Install the AI SDK packages that tests/test_node_sdk.py runs, when Node.js and npm are on PATH and
+# node_modules is missing or older than the lockfile. npm writes node_modules/.package-lock.json on every
+# install, so its modification time is that of the last install. A failed install only warns, so that the
+# Python tests still run, and tests/test_node_sdk.py then skips (or fails when CI is set).
+NODE_TESTS="$TOLLHOUSE_ROOT/tests/node"
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    if [ ! -f "$NODE_TESTS/node_modules/.package-lock.json" ] \
+        || [ "$NODE_TESTS/package-lock.json" -nt "$NODE_TESTS/node_modules/.package-lock.json" ]; then
+        echo "tollhouse: installing the Node test packages into $NODE_TESTS/node_modules" >&2
+        if ! (cd "$NODE_TESTS" && npm ci --no-audit --no-fund >&2); then
+            echo "tollhouse: warning: npm ci failed in $NODE_TESTS, so tests/test_node_sdk.py will skip (or fail when CI is set)." >&2
+        fi
+    fi
+fi
