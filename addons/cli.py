@@ -20,6 +20,14 @@ from addons.rules import Rules, RulesError, load_rules, project_key_digest
 BUNDLED_RULES = Path(addons.__file__).resolve().parent.parent / "rules.yaml"
 
 
+class CommandError(Exception):
+    """A failure that `main` prints as one `tollhouse: ...` line on stderr and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def default_rules_path() -> Path:
     local = Path("rules.yaml")
     return local if local.is_file() else BUNDLED_RULES
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     costs = commands.add_parser("costs", help="print spend by project, model and day")
     _rules_option(costs)
-    costs.add_argument("--since", type=date.fromisoformat, metavar="YYYY-MM-DD", help="only calls on or after this day (UTC)")
+    costs.add_argument("--since", type=_since_date, metavar="YYYY-MM-DD", help="only calls on or after this day (UTC)")
     costs.add_argument("--project", help="only this project")
 
     commands.add_parser("hash-key", help="read a project key from stdin and print its key_sha256 for the rules file")
@@ -59,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
+    except CommandError as e:
+        # One line even when the message quotes a multi-line error from a library.
+        print(f"tollhouse: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
     except RulesError as e:
         print(f"tollhouse: invalid rules: {e}", file=sys.stderr)
         return 2
@@ -74,13 +86,57 @@ def _rules_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _since_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid date {text!r}: use YYYY-MM-DD") from None
+
+
 def _load(args) -> Rules:
     return load_rules(args.rules or default_rules_path())
+
+
+def _prepare_data_dir(rules: Rules) -> Path:
+    """Create `data_dir` and the CA in it; return the CA certificate's path."""
+    from addons.ca import ensure_ca
+
+    where = f"in {rules.path}" if rules.path else "in the rules file"
+    try:
+        rules.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CommandError(
+            f"cannot create data_dir {rules.data_dir}: {e.strerror or e}. "
+            f"Set data_dir {where} to a folder you can write, or fix the permissions of its parent."
+        ) from e
+    try:
+        return ensure_ca(rules.data_dir)
+    except OSError as e:
+        raise CommandError(
+            f"cannot write the CA into data_dir {rules.data_dir}: {e}. "
+            f"Make the folder writable, or set data_dir {where} to another folder."
+        ) from e
+
+
+def _configure_hook_plugin(error: BaseException) -> str | None:
+    """Name the plugin whose `tollhouse_configure` raised `error`, or return None if none did.
+
+    The plugin's frame is the outermost `tollhouse_configure` frame in the traceback, below pluggy's call.
+    """
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "tollhouse_configure":
+            return f"{tb.tb_frame.f_globals.get('__name__', '?')} ({code.co_filename})"
+        tb = tb.tb_next
+    return None
 
 
 def cmd_run(args) -> int:
     from addons.engine import configure_logging, serve
     from addons.rules import parse_listen
+
+    from addons.logstore import LogStoreError
 
     configure_logging(getattr(logging, args.log_level))
     rules = _load(args)
@@ -90,14 +146,30 @@ def cmd_run(args) -> int:
     if args.base_url_listen:
         host, port = parse_listen(args.base_url_listen, "--base-url-listen")
         rules = dataclasses.replace(rules, base_url_listen_host=host, base_url_listen_port=port)
-    return asyncio.run(serve(rules))
+    _prepare_data_dir(rules)
+    try:
+        return asyncio.run(serve(rules))
+    except LogStoreError as e:
+        # For example a second gateway on the same request log: the message names the file and the fix.
+        raise CommandError(str(e)) from e
+    except Exception as e:
+        # RulesError from a plugin is reported by main; any other error from a plugin's configure hook
+        # is a bug or a bad setting in that plugin, which the traceback would hide behind pluggy's frames.
+        plugin = None if isinstance(e, RulesError) else _configure_hook_plugin(e)
+        if plugin is None:
+            raise
+        raise CommandError(
+            f"plugin {plugin} failed in tollhouse_configure: {type(e).__name__}: {e}. "
+            "Fix the plugin or its settings, or remove it from the rules file's plugins.",
+            exit_code=2,
+        ) from e
 
 
 def cmd_ca(args) -> int:
-    from addons.ca import ensure_ca, write_bundle
+    from addons.ca import write_bundle
 
     rules = _load(args)
-    cert = ensure_ca(rules.data_dir)
+    cert = _prepare_data_dir(rules)
     print(f"CA certificate: {cert}")
     if args.bundle:
         target = write_bundle(rules.data_dir, args.bundle)
@@ -109,21 +181,33 @@ def cmd_ca(args) -> int:
 
 def cmd_costs(args) -> int:
     from addons.costs import format_report, spend_report
+    from addons.logstore import DatabaseLockedError
 
     rules = _load(args)
     database = rules.logging.database
     if not database.exists():
         print(f"tollhouse: no log yet at {database}; run the gateway first", file=sys.stderr)
         return 1
-    print(format_report(spend_report(database, since=args.since, project=args.project)))
+    try:
+        report = spend_report(database, since=args.since, project=args.project)
+    except DatabaseLockedError as e:
+        raise CommandError(f"cannot read the request log: {e}") from e
+    print(format_report(report))
     return 0
 
 
 def cmd_hash_key(args) -> int:
-    key = getpass.getpass("project key: ") if sys.stdin.isatty() else sys.stdin.read().strip()
+    try:
+        key = getpass.getpass("project key: ") if sys.stdin.isatty() else sys.stdin.read().strip()
+    except EOFError:
+        # Ctrl-D at the prompt; getpass leaves the cursor after the prompt.
+        print(file=sys.stderr)
+        key = ""
     if not key:
-        print("tollhouse: no key given on stdin", file=sys.stderr)
-        return 2
+        raise CommandError(
+            "no key given: type the project key at the prompt, or pipe it in: printf %s KEY | tollhouse hash-key",
+            exit_code=2,
+        )
     print(project_key_digest(key))
     return 0
 

@@ -119,7 +119,10 @@ async def serve(rules: Rules) -> int:
     redactor = Redactor([p.api_key for p in rules.providers.values() if p.api_key])
     for project in rules.projects.values():
         if project.key_sha256 is None:
-            logger.warning("project %s has no key: its key_env variable is unset, so it rejects every call", project.name)
+            logger.warning(
+                "project %s has no key: %s is unset in the gateway's environment, so it rejects every call",
+                project.name, project.key_env,
+            )
     for provider in rules.providers.values():
         if provider.api_key is None:
             logger.warning("provider %s has no key: set %s in the gateway's environment", provider.name, provider.key_env)

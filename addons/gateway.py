@@ -32,6 +32,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons.call import Call, Price, endpoint_for
 from addons.errors import error_response
+from addons.hook_calls import ErrorHandler, HookImplementations
 from addons.logstore import LogStore, row_for
 from addons.routing import (
     BASE_URL_PLACEHOLDER,
@@ -79,6 +80,8 @@ class Gateway:
         # Proxy-URL credentials, keyed by client connection id; a CONNECT carries them once for all
         # the requests that follow on that connection.
         self._proxy_credentials: dict[str, tuple[str, str]] = {}
+        # None only for unit tests of the connection hooks, which construct a Gateway without plugins.
+        self._hooks = _ObservingHooks(pm) if pm is not None else None
         self.in_flight = 0
         # Calls between `requestheaders` and their row, by request id.
         self._active: dict[str, Call] = {}
@@ -267,16 +270,11 @@ class Gateway:
         if call.answered_by_gateway:
             return
 
-        try:
-            self.pm.hook.tollhouse_response_headers(call=call, flow=flow)
-        except Exception as e:
-            # The headers are on their way to the client; the call goes on, and the row says why it is odd.
-            call.error = self.redactor.mask(f"plugin hook tollhouse_response_headers failed: {type(e).__name__}: {e}")
-            logger.exception("call %s: tollhouse_response_headers failed", call.request_id)
+        self._hooks.tollhouse_response_headers.call_each({"call": call, "flow": flow}, self._on_plugin_error(call, "tollhouse_response_headers"))
 
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             encoding = response.headers.get("content-encoding")
-            response.stream = StreamTap(call, self.pm.hook.tollhouse_sse_event, encoding, rewrite=call.rewrite_stream)
+            response.stream = StreamTap(call, self._hooks.tollhouse_sse_event, encoding, rewrite=call.rewrite_stream)
             if call.rewrite_stream:
                 # Rewritten events are sent decompressed and their total length is not known ahead.
                 response.headers.pop("content-encoding", None)
@@ -303,11 +301,7 @@ class Gateway:
                 call.error = error_message(masked)
 
         if not call.answered_by_gateway:
-            try:
-                self.pm.hook.tollhouse_response(call=call, flow=flow)
-            except Exception as e:
-                call.error = f"plugin hook tollhouse_response failed: {type(e).__name__}: {e}"
-                logger.exception("call %s: tollhouse_response failed", call.request_id)
+            self._hooks.tollhouse_response.call_each({"call": call, "flow": flow}, self._on_plugin_error(call, "tollhouse_response"))
         self._finish(call)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -352,31 +346,33 @@ class Gateway:
         call.ended = time.monotonic()
         if call.error:
             call.error = self.redactor.mask(call.error)
-        try:
-            call.price = self.pm.hook.tollhouse_price(call=call)
-        except Exception:
-            logger.exception("call %s: tollhouse_price failed; cost left unknown", call.request_id)
-            call.price = None
+        call.price = self._hooks.tollhouse_price.first_result({"call": call}, self._on_plugin_error(call, "tollhouse_price"))
         if call.price is None:
             call.price = Price(None, "missing_usage")
 
         row = row_for(call)
-        try:
-            self.pm.hook.tollhouse_log_row(call=call, row=row)
-        except Exception:
-            logger.exception("call %s: tollhouse_log_row failed; the row is written as it was", call.request_id)
-            row = row_for(call)
+        self._hooks.tollhouse_log_row.call_each({"call": call, "row": row}, self._on_plugin_error(call, "tollhouse_log_row", row))
         self.store.put(row)
         log_call(call)
-        try:
-            self.pm.hook.tollhouse_call_end(call=call)
-        except Exception:
-            logger.exception("call %s: tollhouse_call_end failed", call.request_id)
+        self._hooks.tollhouse_call_end.call_each({"call": call}, self._on_plugin_error(call, "tollhouse_call_end"))
 
         self.in_flight -= 1
         if self.in_flight <= 0:
             self.in_flight = 0
             self._idle.set()
+
+    def _on_plugin_error(self, call: Call, hook: str, row: dict | None = None) -> ErrorHandler:
+        """Return a handler that logs a plugin's exception and records the first one in the row."""
+
+        def record(plugin_name: str, e: Exception) -> None:
+            logger.error("call %s: plugin %s failed in %s", call.request_id, plugin_name, hook, exc_info=e)
+            message = self.redactor.mask(f"plugin {plugin_name} failed in {hook}: {type(e).__name__}: {e}")
+            if call.error is None:
+                call.error = message
+            if row is not None and row.get("error") is None:
+                row["error"] = message
+
+        return record
 
     def _reject(self, call: Call, flow: http.HTTPFlow, status: int, message: str, code: str | None = None) -> None:
         call.answered_by_gateway = True
@@ -431,6 +427,18 @@ class Gateway:
             if call.usage is not None:
                 call.usage_complete = False
             self._finish(call)
+
+
+class _ObservingHooks:
+    """The hooks that run once the answer has started, each called implementation by implementation."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.tollhouse_response_headers = HookImplementations(pm.hook.tollhouse_response_headers)
+        self.tollhouse_sse_event = HookImplementations(pm.hook.tollhouse_sse_event)
+        self.tollhouse_response = HookImplementations(pm.hook.tollhouse_response)
+        self.tollhouse_price = HookImplementations(pm.hook.tollhouse_price)
+        self.tollhouse_log_row = HookImplementations(pm.hook.tollhouse_log_row)
+        self.tollhouse_call_end = HookImplementations(pm.hook.tollhouse_call_end)
 
 
 def set_portkey_headers(call: Call, response: http.Response) -> None:

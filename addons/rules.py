@@ -8,6 +8,7 @@ first call.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import os
 import re
@@ -201,7 +202,7 @@ def load_rules(path: str | os.PathLike) -> Rules:
             "rules file", str(path), f"cannot be read: {e.strerror}", "Pass an existing file with --rules."
         ) from e
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_RulesLoader)
     except yaml.YAMLError as e:
         raise RulesError("rules file", str(path), f"is not valid YAML: {e}", "Fix the YAML syntax.") from e
     return parse_rules(raw if raw is not None else {}, base_dir=path.resolve().parent, path=path)
@@ -212,7 +213,7 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
     top = _mapping(raw, "rules file")
     _reject_unknown(
         top,
-        "rules file",
+        "",
         {"listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
          "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets"},
     )
@@ -271,6 +272,45 @@ def project_key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+class _RulesLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a key repeated in one mapping, where PyYAML keeps the last value."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_duplicate_keys(self, node, (), set())
+        return super().construct_document(node)
+
+
+def _check_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[str, ...], visited: set[int]) -> None:
+    # An alias makes the node graph share (or even contain) a node, so each node is checked once.
+    if id(node) in visited:
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            parent = path[:-1] + (f"{path[-1]}[{index}]",) if path else (f"[{index}]",)
+            _check_duplicate_keys(loader, item, parent, visited)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+
+    first_lines: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        # Keys merged in with `<<: *anchor` may be overridden by the mapping's own keys.
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in first_lines:
+            raise RulesError(
+                ".".join(path + (str(key),)), key, f"is defined twice, on lines {first_lines[key]} and {line}",
+                "Remove one of them, or merge them into one entry: YAML would silently keep only the last one.",
+            )
+        first_lines[key] = line
+        _check_duplicate_keys(loader, value_node, path + (str(key),), visited)
+
+
 # -- sections --------------------------------------------------------------------------------------
 
 
@@ -288,6 +328,13 @@ def _provider(name: Any, spec: Any) -> Provider:
     if not isinstance(base_url, str):
         raise RulesError(f"{key}.base_url", base_url, "is missing or not a string", "Set it like https://api.openai.com.")
     parts = urlsplit(base_url)
+    # Checked first, because the other base_url errors show the URL.
+    if "@" in parts.netloc:
+        hidden = parts._replace(netloc="<hidden>@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise RulesError(
+            f"{key}.base_url", hidden, "contains a user name or password, and the rules file must not contain credentials",
+            "Remove user:password@ from the URL and put the key in key_env, the environment variable the gateway reads it from.",
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RulesError(f"{key}.base_url", base_url, "is not an http(s) URL", "Set it like https://api.openai.com.")
     base_path = parts.path.rstrip("/")
@@ -301,7 +348,10 @@ def _provider(name: Any, spec: Any) -> Provider:
             f"{key}.base_url", base_url, "ends with /v1",
             "Leave out the trailing /v1: request paths such as /v1/chat/completions are appended to the base URL.",
         )
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise RulesError(f"{key}.base_url", base_url, f"has an invalid port: {e}", "Give a port from 1 to 65535, like http://127.0.0.1:8000.") from e
 
     key_env = spec.get("key_env")
     if not isinstance(key_env, str) or not _ENV.match(key_env):
@@ -364,19 +414,26 @@ def _project(name: Any, spec: Any) -> Project:
     if "key" in spec or "api_key" in spec:
         raise RulesError(
             f"{key}.key", "<hidden>", "is a plaintext key; the rules file must not contain keys",
-            f"Use key_env: VARIABLE, or key_sha256: <output of: printf %s KEY | sha256sum>.",
+            "Use key_env: VARIABLE, or key_sha256: <output of: printf %s KEY | tollhouse hash-key>.",
         )
     _reject_unknown(spec, key, {"key_env", "key_sha256"})
 
     has_env = "key_env" in spec
     has_hash = "key_sha256" in spec
     if has_env == has_hash:
-        raise RulesError(key, dict(spec), "needs exactly one of key_env and key_sha256", "Set key_env: VARIABLE or key_sha256: <hex digest>.")
+        raise RulesError(
+            key, dict(spec), "needs exactly one of key_env and key_sha256",
+            "Set key_env: VARIABLE or key_sha256: <output of: printf %s KEY | tollhouse hash-key>.",
+        )
 
     if has_hash:
         digest = spec["key_sha256"]
         if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
-            raise RulesError(f"{key}.key_sha256", digest, "is not a sha256 hex digest", "Compute it with: printf %s KEY | sha256sum")
+            raise RulesError(
+                f"{key}.key_sha256", digest, "is not a sha256 hex digest",
+                "Compute it with: printf %s KEY | tollhouse hash-key (or printf %s KEY | sha256sum, "
+                "dropping the trailing ' -' that sha256sum prints).",
+            )
         return Project(name=name, key_sha256=digest.lower())
 
     env = spec["key_env"]
@@ -469,9 +526,15 @@ def _list(value: Any, key: str) -> list:
 
 
 def _reject_unknown(spec: dict, key: str, allowed: set[str]) -> None:
+    """Raise RulesError for the first name in `spec` not in `allowed`; `key` is "" for the top level."""
     for name in spec:
-        if name not in allowed:
-            raise RulesError(f"{key}.{name}", spec[name], "is not a known setting", f"Allowed here: {', '.join(sorted(allowed))}.")
+        if name in allowed:
+            continue
+        fix = f"Allowed here: {', '.join(sorted(allowed))}."
+        close = difflib.get_close_matches(str(name), allowed, n=1)
+        if close:
+            fix = f"Did you mean {close[0]}? {fix}"
+        raise RulesError(f"{key}.{name}" if key else str(name), spec[name], "is not a known setting", fix)
 
 
 def _check_name(name: Any, key: str) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 from addons.call import Call
+from addons.hook_calls import HookImplementations
 from addons.sse import SSEReader
 
 logger = logging.getLogger(__name__)
@@ -28,18 +28,22 @@ class StreamTap:
     In rewrite mode it returns a list of byte strings, which mitmproxy sends one by one.
     """
 
-    __slots__ = ("call", "hook", "reader", "rewrite", "_failed")
+    __slots__ = ("call", "hook", "reader", "rewrite", "_failed_plugins", "_undecodable")
 
-    def __init__(self, call: Call, hook: Callable, content_encoding: str | None, rewrite: bool):
+    def __init__(self, call: Call, hook: HookImplementations, content_encoding: str | None, rewrite: bool):
         self.call = call
         self.hook = hook
         self.reader = SSEReader(content_encoding)
         self.rewrite = rewrite
-        self._failed = False
+        # Plugins that raised on an event of this stream; they see none of its later events.
+        self._failed_plugins: set[str] = set()
+        self._undecodable = False
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         if chunk and self.call.first_byte is None:
             self.call.first_byte = time.monotonic()
+        if self._undecodable:
+            return chunk
         try:
             events = self.reader.feed(chunk) if chunk else self.reader.close()
         except Exception as e:
@@ -57,27 +61,28 @@ class StreamTap:
 
         kept = []
         for event in events:
-            results = self._observe(event)
-            if results is None or False not in results:
+            if False not in self._observe(event):
                 kept.append(event.raw)
         # A list, never b"": mitmproxy would send an empty chunk, which ends a chunked HTTP/1.1 body.
         return [b"".join(kept)] if kept else []
 
-    def _observe(self, event) -> list | None:
-        if self._failed:
-            return None
-        try:
-            return self.hook(call=self.call, event=event)
-        except Exception as e:
-            self._failed = True
-            self.call.error = f"plugin hook tollhouse_sse_event failed: {type(e).__name__}: {e}"
-            logger.exception("call %s: tollhouse_sse_event failed; the stream goes on unobserved", self.call.request_id)
-            return None
+    def _observe(self, event) -> list:
+        return self.hook.call_each({"call": self.call, "event": event}, self._plugin_failed, self._failed_plugins)
+
+    def _plugin_failed(self, plugin_name: str, e: Exception) -> None:
+        self._failed_plugins.add(plugin_name)
+        if self.call.error is None:
+            self.call.error = f"plugin {plugin_name} failed in tollhouse_sse_event: {type(e).__name__}: {e}"
+        logger.error(
+            "call %s: plugin %s failed in tollhouse_sse_event; it sees no more events of this stream",
+            self.call.request_id,
+            plugin_name,
+            exc_info=e,
+        )
 
     def _give_up(self, chunk: bytes, e: Exception) -> bytes:
-        if not self._failed:
-            self._failed = True
-            self.call.error = f"stream could not be decoded: {type(e).__name__}: {e}"
-            logger.warning("call %s: %s", self.call.request_id, self.call.error)
+        self._undecodable = True
+        self.call.error = f"stream could not be decoded: {type(e).__name__}: {e}"
+        logger.warning("call %s: %s", self.call.request_id, self.call.error)
         # NOTE: in rewrite mode the client already received decoded bytes; the rest is passed raw.
         return chunk

@@ -1,7 +1,8 @@
 # Sourced by scripts/gateway and scripts/test: finds Python >= 3.12, creates .venv and installs tollhouse.
 #
 # Choose the interpreter with TOLLHOUSE_PYTHON=/path/to/python3.12; otherwise the first Python >= 3.12
-# among python3.13, python3.12, python3 on PATH and the versions under pyenv is used.
+# among python3.13, python3.12, python3 on PATH and the versions under pyenv is used. An existing .venv
+# is recreated when TOLLHOUSE_PYTHON names a different interpreter than the one it was made with.
 
 set -euo pipefail
 
@@ -12,8 +13,22 @@ is_new_enough() {
     "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
 }
 
+# Print the Python version and the resolved path of the base interpreter. A venv's Python prints the
+# same line as the interpreter that created the venv.
+python_identity() {
+    "$1" -c 'import os, sys; print("%d.%d" % sys.version_info[:2], os.path.realpath(getattr(sys, "_base_executable", sys.executable)))' 2>/dev/null
+}
+
 find_python() {
     if [ -n "${TOLLHOUSE_PYTHON:-}" ]; then
+        if ! command -v "$TOLLHOUSE_PYTHON" >/dev/null 2>&1; then
+            if [ -e "$TOLLHOUSE_PYTHON" ]; then
+                echo "tollhouse: TOLLHOUSE_PYTHON=$TOLLHOUSE_PYTHON is not executable. Set it to the path of a Python >= 3.12." >&2
+            else
+                echo "tollhouse: TOLLHOUSE_PYTHON=$TOLLHOUSE_PYTHON not found. Set it to the path of a Python >= 3.12, or unset it." >&2
+            fi
+            return 1
+        fi
         if is_new_enough "$TOLLHOUSE_PYTHON"; then
             echo "$TOLLHOUSE_PYTHON"
             return 0
@@ -44,8 +59,23 @@ find_python() {
     return 1
 }
 
+PYTHON=""
+RECREATE=false
 if [ ! -x "$VENV/bin/python" ] || ! is_new_enough "$VENV/bin/python"; then
+    RECREATE=true
+elif [ -n "${TOLLHOUSE_PYTHON:-}" ]; then
     PYTHON="$(find_python)"
+    WANT_PYTHON="$(python_identity "$PYTHON" || true)"
+    HAVE_PYTHON="$(python_identity "$VENV/bin/python" || true)"
+    if [ "$WANT_PYTHON" != "$HAVE_PYTHON" ]; then
+        echo "tollhouse: $VENV uses Python $HAVE_PYTHON, but TOLLHOUSE_PYTHON is Python $WANT_PYTHON: recreating it" >&2
+        RECREATE=true
+    fi
+fi
+if [ "$RECREATE" = true ]; then
+    if [ -z "$PYTHON" ]; then
+        PYTHON="$(find_python)"
+    fi
     echo "tollhouse: creating $VENV with $PYTHON ($("$PYTHON" --version 2>&1))" >&2
     rm -rf "$VENV"
     "$PYTHON" -m venv "$VENV"

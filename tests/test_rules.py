@@ -80,10 +80,13 @@ def test_plugin_paths_resolve_against_rules_folder(tmp_path):
         (("https://api.openai.com", "ftp://api.openai.com"), "providers.openai.base_url", "https://api.openai.com"),
         (("https://api.openai.com", "https://api.openai.com/v1"), "providers.openai.base_url", "scheme, host and port"),
         (("    key_env: OPENAI_API_KEY", "    key_env: OPENAI_API_KEY\n    kind: gemini"), "providers.openai.kind", "openai, anthropic"),
-        (("key_sha256: " + "d" * 64, "key_sha256: not-a-digest"), "projects.alpha.key_sha256", "sha256sum"),
+        (("key_sha256: " + "d" * 64, "key_sha256: not-a-digest"), "projects.alpha.key_sha256", "tollhouse hash-key"),
+        (("https://api.openai.com", "https://user:sk-secret-value@api.openai.com"), "providers.openai.base_url", "put the key in key_env"),
+        (("https://api.openai.com", "https://api.openai.com:https"), "providers.openai.base_url", "Give a port"),
         (("key_env: OPENAI_API_KEY", "key_env: 1BAD-NAME"), "providers.openai.key_env", "OPENAI_API_KEY"),
         (("providers:", "listen: nowhere\nproviders:"), "listen", "0.0.0.0:8080"),
-        (("providers:", "colour: blue\nproviders:"), "rules file.colour", "Allowed here"),
+        (("providers:", "colour: blue\nproviders:"), "colour", "Allowed here"),
+        (("providers:", "loging: {}\nproviders:"), "loging", "Did you mean logging?"),
     ],
 )
 def test_invalid_value_named_with_fix(tmp_path, replace, key, fix):
@@ -96,6 +99,53 @@ def test_invalid_value_named_with_fix(tmp_path, replace, key, fix):
     assert message.startswith(key + ":")
     assert fix in message
     assert "sk-secret-value" not in message
+
+
+def test_key_sha256_hint_drops_sha256sum_suffix(tmp_path):
+    text = MINIMAL.format(digest="d" * 64).replace("d" * 64, "not-a-digest")
+
+    with pytest.raises(RulesError) as raised:
+        load_rules(write(tmp_path, text))
+
+    assert "printf %s KEY | sha256sum" in str(raised.value)
+    assert "trailing ' -'" in str(raised.value)
+
+
+def test_duplicate_key_named_with_lines(tmp_path):
+    text = MINIMAL.format(digest="1" * 64) + "  alpha:\n    key_env: TH_OTHER_KEY\n"
+
+    with pytest.raises(RulesError) as raised:
+        load_rules(write(tmp_path, text))
+
+    message = str(raised.value)
+    assert message.startswith("projects.alpha: is defined twice, on lines 7 and 9 ")
+    assert "Remove one of them" in message
+
+
+def test_duplicate_top_level_key(tmp_path):
+    text = MINIMAL.format(digest="2" * 64) + "projects:\n  beta:\n    key_env: TH_OTHER_KEY\n"
+
+    with pytest.raises(RulesError, match=r"^projects: is defined twice, on lines 6 and 9 "):
+        load_rules(write(tmp_path, text))
+
+
+def test_duplicate_key_in_list_item(tmp_path):
+    text = MINIMAL.format(digest="3" * 64) + "plugins:\n  - {a: 1, a: 2}\n"
+
+    with pytest.raises(RulesError, match=r"^plugins\[0\]\.a: is defined twice"):
+        load_rules(write(tmp_path, text))
+
+
+def test_merge_key_may_be_overridden(tmp_path):
+    text = MINIMAL.format(digest="a" * 64).replace("  openai:\n", "  openai: &openai\n").replace(
+        "projects:",
+        "  local:\n    <<: *openai\n    kind: openai-compatible\n    base_url: http://127.0.0.1:9999\n    hosts: []\nprojects:",
+    )
+
+    rules = load_rules(write(tmp_path, text))
+
+    assert rules.providers["local"].address == ("127.0.0.1", 9999)
+    assert rules.providers["local"].key_env == "OPENAI_API_KEY"
 
 
 def test_flush_interval_above_one_second(tmp_path):
