@@ -153,8 +153,8 @@ def cmd_run(args) -> int:
         # For example a second gateway on the same request log: the message names the file and the fix.
         raise CommandError(str(e)) from e
     except Exception as e:
-        # RulesError from a plugin is reported by main; any other error from a plugin's configure hook
-        # is a bug or a bad setting in that plugin, which the traceback would hide behind pluggy's frames.
+        # main reports a RulesError from a plugin. Any other error from a plugin's configure hook is a bug
+        # or a bad setting in that plugin, so name the plugin instead of printing pluggy's frames.
         plugin = None if isinstance(e, RulesError) else _configure_hook_plugin(e)
         if plugin is None:
             raise

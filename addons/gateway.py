@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import secrets
@@ -45,7 +47,7 @@ from addons.routing import (
     route_request,
     strip_portkey_headers,
 )
-from addons.rules import Rules
+from addons.rules import Rules, project_key_digest
 from addons.secrets import Redactor
 from addons.stream_tap import StreamTap
 
@@ -94,6 +96,31 @@ class Gateway:
         credentials = parse_basic_credentials(flow.request.headers.get("proxy-authorization"))
         if credentials:
             self._proxy_credentials[flow.client_conn.id] = credentials
+        if flow.request.host.lower() not in self._intercepted:
+            self._check_passthrough(flow, credentials)
+
+    def _check_passthrough(self, flow: http.HTTPFlow, credentials: tuple[str, str] | None) -> None:
+        """Answer 403 or 407 when the tunnel rules forbid traffic to a host that is not a provider's."""
+        tunnels = self.rules.tunnels
+        host = flow.request.host
+        status, message = 0, ""
+        if not tunnels.allow:
+            status, message = 403, f"tollhouse: traffic to {host} is not allowed; this gateway only serves its providers"
+        elif is_blocked_destination(host, tunnels.blocked_networks):
+            status, message = 403, f"tollhouse: {host} is in a blocked network (tunnels.blocked_networks in the rules)"
+        elif tunnels.require_project_key and not self._known_project(credentials):
+            status, message = 407, "tollhouse: put your project in the proxy URL: http://PROJECT:KEY@host:port"
+        if status:
+            logger.warning("refused %s to %s:%s: %s", flow.request.method, host, flow.request.port, message)
+            flow.response = http.Response.make(status, message.encode() + b"\n", {"content-type": "text/plain"})
+            if status == 407:
+                flow.response.headers["proxy-authenticate"] = 'Basic realm="tollhouse"'
+
+    def _known_project(self, credentials: tuple[str, str] | None) -> bool:
+        if not credentials:
+            return False
+        project = self.rules.projects.get(credentials[0])
+        return bool(project and project.key_sha256 and hmac.compare_digest(project.key_sha256, project_key_digest(credentials[1])))
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._proxy_credentials.pop(client.id, None)
@@ -138,6 +165,9 @@ class Gateway:
         else:
             provider = self.rules.provider_for_host(request.pretty_host)
             if provider is None:
+                if flow.request.scheme == "http" and not flow.client_conn.tls_established:
+                    # A plain-HTTP proxy request to another host: the same rules as for tunnels.
+                    self._check_passthrough(flow, parse_basic_credentials(request.headers.get("proxy-authorization")))
                 return
             listener = "proxy"
             client_format = provider.api_format
@@ -464,6 +494,17 @@ def parse_basic_credentials(header: str | None) -> tuple[str, str] | None:
         return None
     user, sep, password = decoded.partition(":")
     return (user, password) if sep else None
+
+
+def is_blocked_destination(host: str, networks) -> bool:
+    """Tell whether `host` is `localhost` or an IP address inside one of `networks`."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def has_credential(headers) -> bool:

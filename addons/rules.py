@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -134,6 +135,26 @@ class PriceOverride:
     cache_write_1h: Decimal | None = None
 
 
+#: Destinations the forward proxy never tunnels to by default: the gateway host's own loopback
+#: services and link-local addresses, where cloud instance metadata lives.
+DEFAULT_BLOCKED_NETWORKS = ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10")
+
+
+@dataclass(frozen=True)
+class TunnelRules:
+    """What the forward proxy does with traffic to hosts that are not providers'."""
+
+    #: Pass such traffic through at all (as an untouched TLS tunnel or plain HTTP).
+    allow: bool = True
+    #: Ask for a project's credentials in the proxy URL (`http://PROJECT:KEY@host:port`) first.
+    require_project_key: bool = False
+    #: Destination networks that are never reached, matched against literal IP addresses and
+    #: `localhost`. NOTE: a host name that resolves into one of them is not caught.
+    blocked_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in DEFAULT_BLOCKED_NETWORKS
+    )
+
+
 @dataclass(frozen=True)
 class LoggingRules:
     #: The DuckDB file; relative paths are under the data directory.
@@ -172,6 +193,7 @@ class Rules:
     cache: CacheRules = field(default_factory=lambda: _policy_rules().CacheRules())
     rate_limits: RateLimitRules = field(default_factory=lambda: _policy_rules().RateLimitRules())
     budgets: BudgetRules = field(default_factory=lambda: _policy_rules().BudgetRules())
+    tunnels: TunnelRules = field(default_factory=TunnelRules)
 
     def with_listen(self, host: str, port: int) -> Rules:
         return dataclasses.replace(self, listen_host=host, listen_port=port)
@@ -215,7 +237,8 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         top,
         "",
         {"listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
-         "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets"},
+         "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets",
+         "tunnels"},
     )
 
     listen_host, listen_port = parse_listen(top.get("listen", DEFAULT_LISTEN), "listen")
@@ -264,6 +287,7 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         cache=_policy_rules().parse_cache(top.get("cache", {}), projects),
         rate_limits=_policy_rules().parse_rate_limits(top.get("rate_limits", {}), projects, providers),
         budgets=_policy_rules().parse_budgets(top.get("budgets", {}), projects),
+        tunnels=_tunnels(top.get("tunnels", {})),
     )
 
 
@@ -442,6 +466,27 @@ def _project(name: Any, spec: Any) -> Project:
     value = os.environ.get(env)
     # NOTE: a project whose variable is unset has no key and rejects every call; startup logs a warning.
     return Project(name=name, key_sha256=project_key_digest(value) if value else None, key_env=env)
+
+
+def _tunnels(spec: Any) -> TunnelRules:
+    spec = _mapping(spec, "tunnels")
+    _reject_unknown(spec, "tunnels", {"allow", "require_project_key", "blocked_networks"})
+    for name in ("allow", "require_project_key"):
+        if name in spec and not isinstance(spec[name], bool):
+            raise RulesError(f"tunnels.{name}", spec[name], "is not true or false", f"Write {name}: true or {name}: false.")
+    networks = []
+    for index, value in enumerate(_list(spec.get("blocked_networks", list(DEFAULT_BLOCKED_NETWORKS)), "tunnels.blocked_networks")):
+        try:
+            networks.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError as e:
+            raise RulesError(
+                f"tunnels.blocked_networks[{index}]", value, "is not a network", "Write it like 10.0.0.0/8 or ::1/128."
+            ) from e
+    return TunnelRules(
+        allow=spec.get("allow", True),
+        require_project_key=spec.get("require_project_key", False),
+        blocked_networks=tuple(networks),
+    )
 
 
 def _logging(spec: Any, data_dir: Path) -> LoggingRules:

@@ -29,6 +29,7 @@ find_python() {
             fi
             return 1
         fi
+
         if is_new_enough "$TOLLHOUSE_PYTHON"; then
             echo "$TOLLHOUSE_PYTHON"
             return 0
