@@ -1,7 +1,8 @@
 """Keeps request and response bodies for the log, when the rules enable `logging.bodies`.
 
 Bodies are truncated to `logging.body_max_bytes` and secrets are masked: the real provider keys, the
-project keys known from the environment, and anything shaped like an OpenAI or Anthropic secret key.
+project keys known from the environment, the credential the calling client presented (which covers
+projects stored only as a sha256 digest), and anything shaped like an OpenAI or Anthropic secret key.
 """
 
 from __future__ import annotations
@@ -31,15 +32,37 @@ def tollhouse_configure(rules: Rules) -> None:
     _redactor.update([s for s in secrets if s])
 
 
-def mask(data: bytes) -> str:
+_PRESENTED_KEY = "body_capture.presented"
+
+# Headers in which clients present their project key; read before key injection replaces them.
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-portkey-api-key")
+
+
+def mask(data: bytes, presented: tuple[str, ...] = ()) -> str:
     text = data[: _settings["max_bytes"]].decode("utf-8", errors="replace")
+    for secret in presented:
+        text = text.replace(secret, MASK)
     return _KEY_SHAPE.sub(MASK, _redactor.mask(text))
 
 
-@hookimpl
+def presented_secrets(call, flow) -> tuple[str, ...]:
+    """Return the credentials the client sent, longest first, skipping values too short to mask safely."""
+    values = []
+    for name in _CREDENTIAL_HEADERS:
+        value = flow.request.headers.get(name, "")
+        scheme, _, token = value.partition(" ")
+        values.append(token if scheme.lower() == "bearer" else value)
+    if call.proxy_credentials:
+        values.append(call.proxy_credentials[1])
+    return tuple(sorted({v.strip() for v in values if len(v.strip()) >= 8}, key=len, reverse=True))
+
+
+@hookimpl(tryfirst=True)
 def tollhouse_request(call, flow) -> None:
     if _settings["enabled"]:
-        call.request_body = mask(flow.request.content or b"")
+        presented = presented_secrets(call, flow)
+        call.metadata[_PRESENTED_KEY] = presented
+        call.request_body = mask(flow.request.content or b"", presented)
 
 
 @hookimpl
@@ -57,8 +80,9 @@ def tollhouse_sse_event(call, event) -> None:
 def tollhouse_response(call, flow) -> None:
     if not _settings["enabled"]:
         return
+    presented = call.metadata.get(_PRESENTED_KEY, ())
     parts = call.metadata.pop(_STREAM_KEY, None)
     if parts is not None:
-        call.response_body = mask(b"".join(parts))
+        call.response_body = mask(b"".join(parts), presented)
     elif flow.response is not None and not flow.response.stream:
-        call.response_body = mask(flow.response.content or b"")
+        call.response_body = mask(flow.response.content or b"", presented)

@@ -325,3 +325,20 @@ def test_echoed_wrong_key_masked(fake, tmp_path, monkeypatch):
     finally:
         gateway.stop()
     assert_no_real_key(gateway.stderr(), "the gateway log", keys)
+
+
+def test_body_log_masks_presented_key(fake, tmp_path, monkeypatch):
+    gateway = start_gateway(tmp_path / "gateway", rules_text(fake.port, bodies="true"), GATEWAY_ENV)
+    try:
+        use_gateway(gateway, monkeypatch)
+        # Project beta is stored only as a digest; its key is known to the gateway only as presented.
+        raw = openai_client(BETA_KEY).chat.completions.with_raw_response.create(
+            model="tollhouse-test-model", messages=[{"role": "user", "content": f"my key is {BETA_KEY}"}]
+        )
+        row = gateway.wait_row(raw.headers["x-tollhouse-request-id"])
+    finally:
+        gateway.stop()
+
+    assert row["project"] == "beta"
+    assert BETA_KEY not in row["request_body"]
+    assert "my key is [redacted]" in row["request_body"]
