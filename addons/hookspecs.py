@@ -9,9 +9,12 @@ A plugin is a module or object with functions marked ``@addons.hookimpl``. It is
 group ``tollhouse`` of an installed package. Implementations may accept any subset of a hook's
 arguments, by name.
 
-Hooks run on mitmproxy's event loop: they must not block. A hook that raises fails only the call it
-was called for (the client gets a 500 error in its provider's format and the row records the error),
-except `tollhouse_configure`, which fails startup.
+Hooks run on mitmproxy's event loop: they must not block. An exception in `tollhouse_configure` stops
+startup. One in `tollhouse_authenticate` or `tollhouse_request` fails only the call it was raised for:
+the client gets a 500 error in its provider's format, and the row records the error. From
+`tollhouse_response_headers` on, the answer has started, so the gateway calls each implementation on
+its own (`addons.hook_calls`): an exception is logged and recorded in the row, and the other plugins
+still run.
 """
 
 from __future__ import annotations

@@ -186,9 +186,39 @@ def reject(
     """Reject the call with an error response in the client's format, with `Retry-After` in whole seconds."""
     call.answered_by_gateway = True
     call.error = message
-    all_headers = {"retry-after": str(max(1, math.ceil(retry_after))), **headers}
+    all_headers = {"retry-after": str(max(1, math.ceil(retry_after))), **project_limit_headers(call), **headers}
     flow.response = error_response(api_format(call), status, message, code=code, request_id=call.request_id, headers=all_headers)
     logger.info("call %s rejected: %s", call.request_id, message)
+
+
+def project_limit_headers(call: Call) -> dict[str, str]:
+    """Return the `x-ratelimit-*` headers of the project's per-minute limits, as they stand now.
+
+    Every rejection carries them, whichever limit or budget caused it; a project without per-minute
+    limits gets none.
+    """
+    if _state.rules is None or call.project is None:
+        return {}
+    limits = _state.rules.projects.get(call.project.name)
+    if limits is None:
+        return {}
+    state = _state.projects.get(call.project.name)
+    if state is None:
+        return {}
+    now = clock()
+    headers = {}
+    for kind, limit, window in (
+        ("requests", limits.requests_per_minute, state.requests),
+        ("tokens", limits.tokens_per_minute, state.tokens),
+    ):
+        if limit is None:
+            continue
+        window.expire(now)
+        wait = window.seconds_until_room(now, limit, 1) if window.total >= limit else 0.0
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - window.total))
+        headers[f"x-ratelimit-reset-{kind}"] = f"{math.ceil(wait)}s"
+    return headers
 
 
 @hookimpl

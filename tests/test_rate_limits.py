@@ -415,6 +415,7 @@ rate_limits:
   projects:
     alpha:
       max_concurrent: 2
+      requests_per_minute: 100
   providers:
     anthropic:
       max_concurrent: 1
@@ -433,6 +434,11 @@ def test_project_concurrency_limit(gateways, upstream):
     assert statuses == [200, 200, 429, 429, 429]
     rejected = [r for r in responses if r.status_code == 429]
     assert {r.headers["x-tollhouse-limit"] for r in rejected} == {"rate_limits.projects.alpha.max_concurrent"}
+    # Every rejection carries the project's per-minute limits as they stand: 2 of 100 requests used.
+    assert {(r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) for r in rejected} == {
+        ("100", "98")
+    }
+    assert {r.headers["x-ratelimit-reset-requests"] for r in rejected} == {"0s"}
     assert upstream_count(upstream, marker) == 2
     # The slots were released when the calls ended.
     assert post(gateway, chat_body(f"{marker} after")).status_code == 200
