@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("hash-key", help="read a project key from stdin and print its key_sha256 for the rules file")
 
+    check = commands.add_parser("check", help="validate a rules file and print every problem with its fix (exit 2 if any)")
+    _rules_option(check)
+
     demo = commands.add_parser("demo", help="send a few SDK calls through the gateway to a local fake provider and print the costs")
     demo.add_argument("--keep", metavar="DIR", type=Path, help="keep the demo's data folder (rules, DuckDB file, CA) in DIR")
 
@@ -218,7 +221,15 @@ def cmd_demo(args) -> int:
     return run_demo(keep=args.keep)
 
 
-_COMMANDS = {"run": cmd_run, "ca": cmd_ca, "costs": cmd_costs, "hash-key": cmd_hash_key, "demo": cmd_demo}
+def cmd_check(args) -> int:
+    from addons.check import run_check
+
+    return run_check(args.rules or default_rules_path())
+
+
+_COMMANDS = {
+    "run": cmd_run, "ca": cmd_ca, "costs": cmd_costs, "hash-key": cmd_hash_key, "demo": cmd_demo, "check": cmd_check,
+}
 
 
 if __name__ == "__main__":
