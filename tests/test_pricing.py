@@ -393,3 +393,64 @@ def test_pricing_never_touches_network() -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "offline ok"
+
+
+@pytest.mark.parametrize(
+    ("provider_id", "model_ref"),
+    [
+        ("openai", "gpt-4o-mini-2024-07-18"),
+        ("openai", "gpt-4o"),
+        ("openai", "o3"),
+        ("openai", "text-embedding-3-small"),
+        ("anthropic", "claude-sonnet-4-20250514"),
+        ("anthropic", "claude-haiku-4-5"),
+        ("anthropic", "claude-opus-4-1"),
+    ],
+)
+def test_flat_cost_equals_genai_prices(provider_id, model_ref) -> None:
+    from datetime import datetime, timezone
+
+    import genai_prices
+    from genai_prices.data_snapshot import get_snapshot
+
+    from plugins.pricing import flat_cost
+
+    provider, model = get_snapshot().find_provider_model(model_ref, None, provider_id, None)
+    call = make_call(provider_id, model_ref, Usage())
+    call.ts = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    usages = [
+        Usage(input_tokens=1234, output_tokens=567),
+        Usage(input_tokens=10, output_tokens=3, cache_read_tokens=4096),
+        Usage(input_tokens=7, output_tokens=900, reasoning_tokens=800),
+    ]
+    if model_ref.startswith("text-embedding"):
+        # Embedding models have an input price only; other token kinds fall back to genai-prices.
+        usages = [Usage(input_tokens=1234)]
+    if provider_id == "anthropic":
+        usages.append(Usage(input_tokens=50, output_tokens=20, cache_read_tokens=300, cache_write_tokens=700, cache_write_1h_tokens=200))
+
+    for usage in usages:
+        expected = model.calc_price(
+            genai_prices.Usage(
+                input_tokens=usage.total_input_tokens,
+                cache_read_tokens=usage.cache_read_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+                cache_write_1h_tokens=usage.cache_write_1h_tokens,
+                output_tokens=usage.output_tokens,
+            ),
+            provider,
+            genai_request_timestamp=call.ts,
+        ).total_price
+        fast = flat_cost(model, usage, call, None)
+        assert fast == expected, (model_ref, usage)
+
+
+def test_flat_cost_declines_tiered_prices() -> None:
+    from genai_prices.data_snapshot import get_snapshot
+
+    from plugins.pricing import flat_cost
+
+    _, model = get_snapshot().find_provider_model("claude-sonnet-4-5-20250929", None, "anthropic", None)
+    call = make_call("anthropic", "claude-sonnet-4-5-20250929", Usage())
+
+    assert flat_cost(model, Usage(input_tokens=10, output_tokens=5), call, None) is None
