@@ -7,7 +7,7 @@ replaced by the real usage when it ends. Also per project: calls in flight at on
 
 Per provider: calls in flight at once across all projects, protecting the shared upstream quota.
 Calls over the cap wait in a first-in, first-out queue of `max_queue` places for `queue_timeout`
-seconds. A full queue or a timed-out wait is rejected with 503.
+seconds. A full queue or a timed-out wait is rejected with 429, like every other rejection.
 
 A call over a project limit is rejected with 429 in the client's provider format, with `Retry-After`,
 `x-ratelimit-*` headers and a message naming the limit and the project. A rejected call consumes no
@@ -246,10 +246,10 @@ async def _admit(call: Call, flow: http.HTTPFlow, limits: ProjectLimits | None, 
     _release_project(call, refund=True)
     provider = call.provider.name
     reject(
-        call, flow, 503,
+        call, flow, 429,
         f"tollhouse: provider {provider!r} is at its limit of {gate.limits.max_concurrent} concurrent calls and "
         f"{gate.limits.max_queue} waiting calls (rate_limits.providers.{provider}); retry shortly.",
-        "overloaded", 1.0, {"x-tollhouse-limit": f"rate_limits.providers.{provider}.max_concurrent"},
+        "rate_limit_exceeded", 1.0, {"x-tollhouse-limit": f"rate_limits.providers.{provider}.max_concurrent"},
     )
 
 

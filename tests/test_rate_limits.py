@@ -456,9 +456,9 @@ def test_provider_queue(gateways, upstream):
 
     statuses = sorted(response.status_code for response in responses)
     # One runs, one waits in the queue and runs after it, the third finds the queue full.
-    assert statuses == [200, 200, 503]
-    rejected = next(r for r in responses if r.status_code == 503)
-    assert rejected.json()["error"]["type"] == "overloaded_error"
+    assert statuses == [200, 200, 429]
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.json()["error"]["type"] == "rate_limit_error"
     assert rejected.headers["x-tollhouse-limit"] == "rate_limits.providers.anthropic.max_concurrent"
     assert rejected.headers["retry-after"] == "1"
     assert upstream_count(upstream, marker) == 2
