@@ -81,7 +81,7 @@ def check_rules(path: Path) -> CheckReport:
     try:
         raw = _parse_yaml(text, report)
     except yaml.YAMLError as e:
-        # A syntax error leaves nothing to check, but a repeated key does not: the last value is checked.
+        # Nothing can be checked after a syntax error. A repeated key is only reported, and its last value is checked.
         report.problems.append(_yaml_error_message(e))
         return report
     raw = {} if raw is None else raw
@@ -91,7 +91,7 @@ def check_rules(path: Path) -> CheckReport:
 
     _check_sections(raw, path.resolve().parent, report)
     if not report.problems:
-        # The section checks follow parse_rules; this catches any rule they do not repeat.
+        # The section checks mirror parse_rules, and this full parse catches any rule they miss.
         try:
             rules = parse_rules(raw, base_dir=path.resolve().parent, path=path)
         except RulesError as e:
@@ -102,7 +102,7 @@ def check_rules(path: Path) -> CheckReport:
 
 
 def _collect(report: CheckReport, check: Callable[[], Any]) -> Any:
-    """Run one parse function; record its RulesError and return None, or return its result."""
+    """Run one parse function and return its result, or record its RulesError and return None."""
     try:
         return check()
     except RulesError as e:
@@ -280,7 +280,7 @@ def _summary(rules) -> str:
 
 
 def run_check(path: Path) -> int:
-    """Print the report for `path`, one line per problem and warning; return the exit code (0 or 2)."""
+    """Print the report for `path`, one line per problem and warning, and return 0 if it is valid, else 2."""
     report = check_rules(path)
     for problem in report.problems:
         print(f"{path}: {problem}")

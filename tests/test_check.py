@@ -19,7 +19,7 @@ from addons.rules import RulesError, load_rules
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT = 60
 
-#: Variables the rules below name; each test decides which of them are set.
+#: Variables that the rules below name. Each test sets the ones it needs.
 KEY_VARIABLES = ("TH_CHECK_OPENAI", "TH_CHECK_ANTHROPIC", "TH_CHECK_ALPHA")
 ALL_KEYS_SET = {name: "set-for-the-test" for name in KEY_VARIABLES}
 
@@ -260,8 +260,8 @@ def test_check_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("text", [BROKEN_SECTIONS, DUPLICATES], ids=["sections", "duplicates"])
-def test_check_includes_loader_error(tmp_path, text, monkeypatch):
-    """The first error the gateway itself stops at is always among the errors `check` lists."""
+def test_check_includes_loader_error(tmp_path, text):
+    """The error that stops the gateway at start is among the errors that `check` lists."""
     path = tmp_path / "rules.yaml"
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     with pytest.raises(RulesError) as raised:

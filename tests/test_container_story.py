@@ -4,7 +4,7 @@ The gateway runs the image's command (`tollhouse run --rules FILE`) with docker/
 only where a container differs from this test: the listen addresses, the data folder and the
 providers' base URLs, which point at the fake upstream on 127.0.0.1. The client runs under
 `ip netns exec` in a namespace whose only link is a veth pair to the gateway's address, as a project
-container sees only the compose network. It calls the official OpenAI and Anthropic SDKs through
+container reaches only the compose network. It calls the official OpenAI and Anthropic SDKs through
 HTTPS_PROXY with the bundle from `tollhouse ca --bundle` (the `research` service), and the base-URL
 listener (the `webapp` service). The test needs root and skips without it.
 """
@@ -64,8 +64,8 @@ def namespace():
     if shutil.which("ip") is None:
         pytest.skip("needs the ip command from iproute2")
 
-    # Names and addresses from the process id, so parallel runs do not collide; interface names
-    # stay within Linux's 15 characters.
+    # Names and addresses come from the process id, so parallel runs do not collide. Interface names
+    # stay within Linux's limit of 15 characters.
     suffix = os.getpid() % 100000
     name = f"th-story-{suffix}"
     host_end, namespace_end = f"thh{suffix}", f"thn{suffix}"
@@ -90,7 +90,7 @@ def namespace():
                 pytest.skip(f"ip {' '.join(step)} failed: {result.stderr.strip()}")
         yield Namespace(name, gateway_ip, client_ip)
     finally:
-        # Deleting the namespace deletes its veth end, and with it the pair; the second command
+        # Deleting the namespace deletes its veth end, and with it the pair. The second command
         # covers a pair whose namespace end was never moved.
         ip("netns", "del", name)
         if ip("link", "show", host_end).returncode == 0:

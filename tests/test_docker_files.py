@@ -84,7 +84,7 @@ def test_compose_no_inline_secrets(services):
                 assert value == "placeholder" or REQUIRED_REFERENCE.match(value), f"{service_name}: {name}={value!r}"
             credentials = re.match(r"^https?://([^@/]*)@", value)
             if credentials:
-                user, _, password = credentials[1].partition(":")
+                _, _, password = credentials[1].partition(":")
                 assert REQUIRED_REFERENCE.match(password), f"{service_name}: {name} has an inline password"
 
 
@@ -168,9 +168,11 @@ def test_dockerfile_healthcheck_without_curl():
     command = json.loads(healthcheck[healthcheck.index("CMD") + len("CMD"):].strip())
 
     assert command[:2] == ["python", "-c"]
-    assert "curl" not in healthcheck and "wget" not in healthcheck
+    assert "curl" not in healthcheck
+    assert "wget" not in healthcheck
     compile(command[2], "HEALTHCHECK", "exec")
-    assert "8080" in command[2] and "8787" in command[2]
+    assert "8080" in command[2]
+    assert "8787" in command[2]
 
 
 def test_dockerignore_keeps_secrets_out():
