@@ -37,7 +37,10 @@ from addons.rules import (
     _reject_unknown,
     _route,
     _tunnels,
+    DEFAULT_ADMIN_LISTEN,
+    parse_admin_listen,
     parse_listen,
+    parse_log_format,
     parse_rules,
 )
 
@@ -45,7 +48,7 @@ from addons.rules import (
 TOP_LEVEL_KEYS = {
     "listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
     "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets",
-    "tunnels",
+    "tunnels", "admin_listen", "log_format",
 }
 
 
@@ -176,6 +179,8 @@ def _check_sections(top: dict, base_dir: Path, report: CheckReport) -> None:
                 "base_url_listen", base_url_value, f"uses the port of listen ({listen[1]})",
                 "Give the base-URL listener its own port, like 0.0.0.0:8787.",
             ))
+    _collect(report, lambda: parse_admin_listen(top.get("admin_listen", DEFAULT_ADMIN_LISTEN)))
+    _collect(report, lambda: parse_log_format(top.get("log_format", "text"), "log_format"))
     data_dir = _collect(report, lambda: _path(top.get("data_dir", "data"), "data_dir", base_dir))
 
     providers_raw = _collect(report, lambda: _mapping(top.get("providers"), "providers"))

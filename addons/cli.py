@@ -8,6 +8,7 @@ import dataclasses
 import getpass
 import logging
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--base-url-listen", metavar="HOST:PORT",
         help="base-URL listener address (overrides `base_url_listen` in the rules)",
+    )
+    run.add_argument(
+        "--admin-listen", metavar="HOST:PORT",
+        help="admin listener address for /healthz and /metrics (overrides `admin_listen` in the rules)",
+    )
+    run.add_argument(
+        "--log-format", choices=["text", "json"],
+        help="log lines as text or as one JSON object per line (overrides `log_format` in the rules; default text)",
     )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
 
@@ -137,21 +146,16 @@ def _configure_hook_plugin(error: BaseException) -> str | None:
 
 def cmd_run(args) -> int:
     from addons.engine import configure_logging, serve
-    from addons.rules import parse_listen
-
     from addons.logstore import LogStoreError
 
-    configure_logging(getattr(logging, args.log_level))
-    rules = _load(args)
-    if args.listen:
-        host, port = parse_listen(args.listen, "--listen")
-        rules = rules.with_listen(host, port)
-    if args.base_url_listen:
-        host, port = parse_listen(args.base_url_listen, "--base-url-listen")
-        rules = dataclasses.replace(rules, base_url_listen_host=host, base_url_listen_port=port)
+    level = getattr(logging, args.log_level)
+    configure_logging(level, args.log_format or "text")
+    overrides = _run_overrides(args)
+    rules = overrides(_load(args))
+    configure_logging(level, rules.log_format)
     _prepare_data_dir(rules)
     try:
-        return asyncio.run(serve(rules))
+        return asyncio.run(serve(rules, overrides))
     except LogStoreError as e:
         # For example a second gateway on the same request log: the message names the file and the fix.
         raise CommandError(str(e)) from e
@@ -166,6 +170,28 @@ def cmd_run(args) -> int:
             "Fix the plugin or its settings, or remove it from the rules file's plugins.",
             exit_code=2,
         ) from e
+
+
+def _run_overrides(args) -> Callable[[Rules], Rules]:
+    """Return a function that applies the `run` options to rules from the file, at start and on reload."""
+    from addons.rules import parse_listen
+
+    replacements = {}
+    if args.listen:
+        replacements["listen_host"], replacements["listen_port"] = parse_listen(args.listen, "--listen")
+    if args.base_url_listen:
+        host, port = parse_listen(args.base_url_listen, "--base-url-listen")
+        replacements["base_url_listen_host"], replacements["base_url_listen_port"] = host, port
+    if args.admin_listen:
+        host, port = parse_listen(args.admin_listen, "--admin-listen")
+        replacements["admin_listen_host"], replacements["admin_listen_port"] = host, port
+    if args.log_format:
+        replacements["log_format"] = args.log_format
+
+    def apply(rules: Rules) -> Rules:
+        return dataclasses.replace(rules, **replacements)
+
+    return apply
 
 
 def cmd_ca(args) -> int:

@@ -8,34 +8,48 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from mitmproxy import ctx
 from mitmproxy.options import Options
 from mitmproxy.proxy.mode_specs import ReverseMode
 from mitmproxy.tools.dump import DumpMaster
 
+from addons.admin import AdminServer
 from addons.ca import ca_dir, ensure_ca
 from addons.errors import install_json_error_pages
 from addons.gateway import Gateway
+from addons.log_format import make_formatter
 from addons.logstore import LogStore
 from addons.plugin_manager import make_plugin_manager
 from addons.routing import BASE_URL_PLACEHOLDER
-from addons.rules import Rules
+from addons.reload import plan_reload
+from addons.rules import Rules, RulesError, load_rules
 from addons.secrets import Redactor, install_log_redaction
 
 logger = logging.getLogger("tollhouse")
+
+#: Name of the stderr handler that `configure_logging` adds.
+_HANDLER_NAME = "tollhouse-stderr"
 
 #: Bytes above the rules' `max_request_bytes` at which mitmproxy stops reading a request body.
 BODY_SIZE_SLACK = 16 * 1024 * 1024
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """Log tollhouse at `level` to stderr; keep mitmproxy's per-connection messages quiet."""
+def configure_logging(level: int = logging.INFO, log_format: str = "text") -> None:
+    """Log tollhouse at `level` to stderr; keep mitmproxy's per-connection messages quiet.
+
+    `log_format` is "text" or "json" (`addons.log_format`). Calling it again changes the format of
+    the handler it added.
+    """
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.set_name(_HANDLER_NAME)
         root.addHandler(handler)
+    for handler in root.handlers:
+        if handler.get_name() == _HANDLER_NAME:
+            handler.setFormatter(make_formatter(log_format))
     root.setLevel(level)
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
 
@@ -90,9 +104,10 @@ def mitmproxy_options(rules: Rules) -> dict:
 class _Ready:
     """Reports the listening addresses once mitmproxy is running."""
 
-    def __init__(self) -> None:
+    def __init__(self, admin: AdminServer | None = None) -> None:
         self.address: tuple[str, int] | None = None
         self.base_url_address: tuple[str, int] | None = None
+        self.admin = admin
 
     def running(self) -> None:
         for server in ctx.master.addons.get("proxyserver").servers:
@@ -108,14 +123,21 @@ class _Ready:
             print(f"tollhouse listening on {self.address[0]}:{self.address[1]}", flush=True)
         if self.base_url_address:
             print(f"tollhouse base-url listening on {self.base_url_address[0]}:{self.base_url_address[1]}", flush=True)
+        if self.admin is not None:
+            admin_host, admin_port = self.admin.address
+            print(f"tollhouse admin listening on {admin_host}:{admin_port}", flush=True)
 
 
 def _drop_cancelled(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
-async def serve(rules: Rules) -> int:
-    """Run the gateway until SIGTERM or SIGINT; return the process exit code."""
+async def serve(rules: Rules, overrides: Callable[[Rules], Rules] | None = None) -> int:
+    """Run the gateway until SIGTERM or SIGINT; reload the rules on SIGHUP; return the process exit code.
+
+    `overrides` applies the command line's settings to rules read from the file; a reload applies it
+    to the new rules too.
+    """
     redactor = Redactor([p.api_key for p in rules.providers.values() if p.api_key])
     for project in rules.projects.values():
         if project.key_sha256 is None:
@@ -132,6 +154,19 @@ async def serve(rules: Rules) -> int:
     ensure_ca(rules.data_dir)
     pm = make_plugin_manager(rules)
     store = LogStore(rules.logging.database, rules.logging.flush_interval)
+
+    admin: AdminServer | None = None
+    if rules.admin_listen_host is not None:
+        admin = AdminServer(rules.admin_listen_host, rules.admin_listen_port, lambda: health(gateway, store))
+        try:
+            await admin.start()
+        except OSError as e:
+            logger.error(
+                "cannot listen on admin_listen %s:%d: %s. Set admin_listen in the rules to a free port, "
+                "or to false to turn the admin listener off.",
+                rules.admin_listen_host, rules.admin_listen_port, e.strerror or e,
+            )
+            return 1
     store.start()
 
     master = DumpMaster(
@@ -144,7 +179,7 @@ async def serve(rules: Rules) -> int:
     master._legacy_log_events.uninstall()
     master.options.update(**mitmproxy_options(rules))
     gateway = Gateway(rules, pm, store, redactor)
-    ready = _Ready()
+    ready = _Ready(admin)
     master.addons.add(gateway, ready)
     install_log_redaction(redactor)
 
@@ -157,14 +192,15 @@ async def serve(rules: Rules) -> int:
             master.shutdown()
             return
         stopping = True
+        grace = gateway.rules.shutdown_grace
         logger.info(
             "stopping: no new connections; waiting up to %.0f s for %d call(s) in flight",
-            rules.shutdown_grace,
+            grace,
             gateway.in_flight,
         )
         master.options.update(server=False)
-        if not await gateway.wait_idle(rules.shutdown_grace):
-            logger.warning("%d call(s) still in flight after %.0f s; closing them", gateway.in_flight, rules.shutdown_grace)
+        if not await gateway.wait_idle(grace):
+            logger.warning("%d call(s) still in flight after %.0f s; closing them", gateway.in_flight, grace)
         # Shutdown cancels the handlers of idle keep-alive connections, and asyncio reports each one
         # as an error; they are expected here.
         logging.getLogger("asyncio").addFilter(_drop_cancelled)
@@ -180,10 +216,64 @@ async def serve(rules: Rules) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    if rules.path is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload_rules(gateway, redactor, overrides))
 
     try:
         await master.run()
     finally:
+        if admin is not None:
+            await admin.close()
         store.close()
         logger.info("log flushed to %s; stopped", rules.logging.database)
     return 0 if ready.address else 1
+
+
+def health(gateway: Gateway, store: LogStore) -> dict:
+    """Return the `/healthz` fields besides status and uptime."""
+    return {"calls_in_flight": gateway.in_flight, "log_writer": store.writer_state()}
+
+
+def reload_rules(gateway: Gateway, redactor: Redactor, overrides: Callable[[Rules], Rules] | None) -> bool:
+    """Re-read the rules file and apply what can change at run time (`addons.reload`).
+
+    Invalid new rules leave the current ones in place, with a warning that gives the reason. Return
+    True when the new rules were applied.
+    """
+    current = gateway.rules
+    path = current.path
+    logger.info("SIGHUP: reloading the rules from %s", path)
+    try:
+        new = load_rules(path)
+        if overrides is not None:
+            new = overrides(new)
+        new, pending = plan_reload(current, new)
+    except RulesError as e:
+        logger.warning("reload failed, keeping the current rules: invalid rules in %s: %s", path, e)
+        return False
+    except Exception:
+        # Any other error is a bug in the validation, and the gateway keeps running with the rules it has.
+        logger.exception("reload failed, keeping the current rules: reading %s raised an unexpected error", path)
+        return False
+
+    # NOTE: the plugins start afresh, so rate-limit windows restart empty and the in-memory response
+    # cache is emptied. Budgets read the spend back from the request log, which lacks unflushed rows.
+    try:
+        gateway.pm.hook.tollhouse_configure.call_historic(kwargs={"rules": new})
+    except Exception as e:
+        logger.warning(
+            "reload failed, keeping the current rules: a plugin rejected the new rules from %s: %s: %s",
+            path, type(e).__name__, e,
+        )
+        try:
+            gateway.pm.hook.tollhouse_configure.call_historic(kwargs={"rules": current})
+        except Exception:
+            logger.exception("a plugin failed to take back the current rules after a failed reload")
+        return False
+
+    redactor.update([p.api_key for p in new.providers.values() if p.api_key])
+    gateway.apply_rules(new)
+    logger.info("reloaded the rules from %s: %d project(s), %d provider(s)", path, len(new.projects), len(new.providers))
+    if pending:
+        logger.warning("these changed settings take effect only after a restart: %s", ", ".join(pending))
+    return True

@@ -35,6 +35,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from addons.call import Call, Price, endpoint_for
 from addons.errors import error_response
 from addons.hook_calls import ErrorHandler, HookImplementations
+from addons.log_format import CALL_FIELDS
 from addons.logstore import LogStore, row_for
 from addons.routing import (
     BASE_URL_PLACEHOLDER,
@@ -89,6 +90,13 @@ class Gateway:
         self._active: dict[str, Call] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def apply_rules(self, rules: Rules) -> None:
+        """Use reloaded rules for calls that start from now on; they must intercept the same hosts."""
+        if rules.intercepted_hosts != self._intercepted:
+            raise ValueError("reloaded rules must intercept the same hosts; a restart is needed to change them")
+        self.rules = rules
+        self._upstreams = rules.upstream_addresses
 
     # -- connections ---------------------------------------------------------------------------------
 
@@ -366,7 +374,9 @@ class Gateway:
             call.error = f"upstream unreachable: {message}"
         else:
             call.error = f"call failed before an answer: {message}"
-        logger.warning("call %s: %s", call.request_id, self.redactor.mask(call.error))
+        # A failure on the upstream side is an error; a client that went away or sent too much is not.
+        level = logging.ERROR if call.status == 502 else logging.WARNING
+        logger.log(level, "call %s: %s", call.request_id, self.redactor.mask(call.error))
         self._finish(call)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -409,6 +419,9 @@ class Gateway:
         call.error = message
         flow.response = error_response(call.client_format, status, message, code=code, request_id=call.request_id)
         set_portkey_headers(call, flow.response)
+        if status < 500:
+            # A 500 here is a failed plugin hook, which `_plugin_failed` has logged as an error.
+            logger.warning("call %s rejected with %d: %s", call.request_id, status, self.redactor.mask(message))
 
     def _reject_unauthenticated(self, call: Call, flow: http.HTTPFlow) -> None:
         kind = call.client_format
@@ -533,6 +546,19 @@ def log_call(call: Call) -> None:
     usage = call.usage
     tokens = f"{usage.total_input_tokens}/{usage.output_tokens}" if usage else "-"
     cost = call.price.cost_usd if call.price and call.price.cost_usd is not None else "unknown"
+    # Structured fields for the JSON log format (`addons.log_format`); the text format ignores them.
+    fields = {
+        "request_id": call.request_id,
+        "project": call.project.name if call.project else None,
+        "provider": call.provider.name if call.provider else None,
+        "model": call.response_model or call.model,
+        "status": call.status,
+        "input_tokens": usage.total_input_tokens if usage else None,
+        "output_tokens": usage.output_tokens if usage else None,
+        "cost_usd": str(call.price.cost_usd) if call.price and call.price.cost_usd is not None else None,
+        "latency_ms": round(call.latency_ms, 1) if call.latency_ms is not None else None,
+        "error": call.error,
+    }
     logger.info(
         "%s project=%s provider=%s model=%s status=%s tokens=%s cost_usd=%s latency_ms=%.0f%s",
         call.request_id,
@@ -544,4 +570,5 @@ def log_call(call: Call) -> None:
         cost,
         call.latency_ms or 0.0,
         f" error={call.error!r}" if call.error else "",
+        extra={CALL_FIELDS: fields},
     )

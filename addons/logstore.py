@@ -650,6 +650,25 @@ class LogStore:
             return
         self._queue.append(row)
 
+    def writer_state(self) -> dict[str, Any]:
+        """Return the writer's state for health checks, read without locks (the values may be a moment old).
+
+        `state` is "running", "stopped" (closed, or the thread died) or "not_started".
+        `database_locked_seconds` is how long another process has held the database, or None.
+        """
+        if self._thread is None:
+            state = "not_started"
+        elif self._thread.is_alive() and not self._closed:
+            state = "running"
+        else:
+            state = "stopped"
+        lock_since = self._lock_since
+        return {
+            "state": state,
+            "queued_rows": sum(1 for item in list(self._queue) if isinstance(item, dict)),
+            "database_locked_seconds": round(time.monotonic() - lock_since, 3) if lock_since is not None else None,
+        }
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until every row put so far is in the database. Return False on timeout or failure."""
         if self._thread is None or not self._thread.is_alive():

@@ -43,6 +43,10 @@ KIND_PRICE_PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "azure": "
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_BASE_URL_LISTEN = "0.0.0.0:8787"
+#: The admin listener (`/healthz`, `/metrics`) listens on loopback unless the rules say otherwise.
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9090"
+#: Values of `log_format`: one human-readable line per record, or one JSON object per line.
+LOG_FORMATS = ("text", "json")
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 
@@ -194,6 +198,11 @@ class Rules:
     rate_limits: RateLimitRules = field(default_factory=lambda: _policy_rules().RateLimitRules())
     budgets: BudgetRules = field(default_factory=lambda: _policy_rules().BudgetRules())
     tunnels: TunnelRules = field(default_factory=TunnelRules)
+    #: Address of the admin listener, or None when `admin_listen: false` turns it off.
+    admin_listen_host: str | None = "127.0.0.1"
+    admin_listen_port: int = 9090
+    #: "text" or "json" (`LOG_FORMATS`); `tollhouse run --log-format` overrides it.
+    log_format: str = "text"
 
     def with_listen(self, host: str, port: int) -> Rules:
         return dataclasses.replace(self, listen_host=host, listen_port=port)
@@ -238,7 +247,7 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         "",
         {"listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
          "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets",
-         "tunnels"},
+         "tunnels", "admin_listen", "log_format"},
     )
 
     listen_host, listen_port = parse_listen(top.get("listen", DEFAULT_LISTEN), "listen")
@@ -250,6 +259,8 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
             "Give the base-URL listener its own port, like 0.0.0.0:8787.",
         )
     data_dir = _path(top.get("data_dir", "data"), "data_dir", base_dir)
+    admin_host, admin_port = parse_admin_listen(top.get("admin_listen", DEFAULT_ADMIN_LISTEN))
+    log_format = parse_log_format(top.get("log_format", "text"), "log_format")
 
     providers_raw = _mapping(top.get("providers"), "providers")
     if not providers_raw:
@@ -288,6 +299,9 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         rate_limits=_policy_rules().parse_rate_limits(top.get("rate_limits", {}), projects, providers),
         budgets=_policy_rules().parse_budgets(top.get("budgets", {}), projects),
         tunnels=_tunnels(top.get("tunnels", {})),
+        admin_listen_host=admin_host,
+        admin_listen_port=admin_port,
+        log_format=log_format,
     )
 
 
@@ -594,6 +608,19 @@ def parse_listen(value: Any, key: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise RulesError(key, value, "is not HOST:PORT", "Write it like 0.0.0.0:8080 (port 0 picks a free port).")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_admin_listen(value: Any) -> tuple[str | None, int]:
+    """Parse `admin_listen`: HOST:PORT, or false to turn the admin listener off (host None)."""
+    if value is False:
+        return None, 0
+    return parse_listen(value, "admin_listen")
+
+
+def parse_log_format(value: Any, key: str) -> str:
+    if value not in LOG_FORMATS:
+        raise RulesError(key, value, "is not a log format", f"Use one of: {', '.join(LOG_FORMATS)}.")
+    return value
 
 
 def _path(value: Any, key: str, base_dir: Path) -> Path:

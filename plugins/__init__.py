@@ -9,6 +9,7 @@ BUILTIN_PLUGINS = (
     "plugins.stream_errors",
     "plugins.pricing",
     "plugins.body_capture",
+    "plugins.metrics",
     # pluggy calls the last registered first: the cache decides before the budgets, and both before
     # the rate limits, so that a cache hit or a budget rejection consumes no rate-limit quota.
     "plugins.rate_limits",

@@ -88,6 +88,14 @@ _state = _State()
 
 @hookimpl
 def tollhouse_configure(rules: Rules) -> None:
+    # A second call comes from a rules reload: release the calls waiting for an identical call (they
+    # go upstream themselves) and close the previous disk tier after the work queued for it.
+    for waiting in _state.in_flight.values():
+        if not waiting.done():
+            waiting.set_result(None)
+    if _state.disk_thread is not None:
+        _state.disk_thread.submit(_disk_call, _state.disk.close)
+        _state.disk_thread.shutdown(wait=False)
     _state.rules = rules.cache
     _state.store = MemoryCache(max_entry_bytes=rules.cache.max_entry_bytes)
     _state.in_flight.clear()

@@ -188,7 +188,10 @@ def reject(
     call.error = message
     all_headers = {"retry-after": str(max(1, math.ceil(retry_after))), **project_limit_headers(call), **headers}
     flow.response = error_response(api_format(call), status, message, code=code, request_id=call.request_id, headers=all_headers)
-    logger.info("call %s rejected: %s", call.request_id, message)
+    if "x-tollhouse-limit" in headers:
+        # Read by the metrics plugin (`plugins.metrics.LIMIT_KEY`) to count rejections by setting.
+        call.metadata["rate_limits.rejected_by"] = headers["x-tollhouse-limit"]
+    logger.warning("call %s rejected: %s", call.request_id, message)
 
 
 def project_limit_headers(call: Call) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,8 @@ class GatewayProcess:
     stdout_lines: list[str] = field(default_factory=list)
     #: Port of the base-URL listener, or None when the process did not report one.
     base_url_port: int | None = None
+    #: Port of the admin listener (`/healthz`, `/metrics`), or None when the process did not report one.
+    admin_port: int | None = None
 
     @property
     def proxy_url(self) -> str:
@@ -92,8 +95,13 @@ def start_gateway(workdir: Path, rules: str, env: dict | None = None) -> Gateway
     process_env["PYTHONUNBUFFERED"] = "1"
     process_env.update(env or {})
     stderr_path = workdir / "gateway.log"
+    command = [sys.executable, "-m", "addons.cli", "run", "--rules", str(rules_path), "--log-level", "INFO"]
+    # The default admin port, 9090, would be shared by every gateway a test run starts.
+    expect_admin = re.search(r"^admin_listen:\s*(false|off|no)\s*$", rules, re.MULTILINE | re.IGNORECASE) is None
+    if re.search(r"^admin_listen:", rules, re.MULTILINE) is None:
+        command += ["--admin-listen", "127.0.0.1:0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "addons.cli", "run", "--rules", str(rules_path), "--log-level", "INFO"],
+        command,
         cwd=workdir,
         env=process_env,
         stdout=subprocess.PIPE,
@@ -104,6 +112,7 @@ def start_gateway(workdir: Path, rules: str, env: dict | None = None) -> Gateway
     ready = threading.Event()
     port_holder: list[int] = []
     base_url_holder: list[int] = []
+    admin_holder: list[int] = []
 
     def read_stdout() -> None:
         for line in process.stdout:
@@ -112,7 +121,9 @@ def start_gateway(workdir: Path, rules: str, env: dict | None = None) -> Gateway
                 port_holder.append(int(line.rsplit(":", 1)[1]))
             elif line.startswith("tollhouse base-url listening on ") and not base_url_holder:
                 base_url_holder.append(int(line.rsplit(":", 1)[1]))
-            if port_holder and base_url_holder:
+            elif line.startswith("tollhouse admin listening on ") and not admin_holder:
+                admin_holder.append(int(line.rsplit(":", 1)[1]))
+            if port_holder and base_url_holder and (admin_holder or not expect_admin):
                 ready.set()
         ready.set()
 
@@ -130,4 +141,5 @@ def start_gateway(workdir: Path, rules: str, env: dict | None = None) -> Gateway
         stderr_path=stderr_path,
         stdout_lines=lines,
         base_url_port=base_url_holder[0] if base_url_holder else None,
+        admin_port=admin_holder[0] if admin_holder else None,
     )
