@@ -157,7 +157,12 @@ async def serve(rules: Rules, overrides: Callable[[Rules], Rules] | None = None)
 
     admin: AdminServer | None = None
     if rules.admin_listen_host is not None:
-        admin = AdminServer(rules.admin_listen_host, rules.admin_listen_port, lambda: health(gateway, store))
+        admin = AdminServer(
+            rules.admin_listen_host,
+            rules.admin_listen_port,
+            lambda: health(gateway, store),
+            database=rules.logging.database,
+        )
         try:
             await admin.start()
         except OSError as e:
