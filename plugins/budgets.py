@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import threading
 from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
@@ -174,7 +175,14 @@ async def _check(call: Call, flow: http.HTTPFlow) -> None:
             f"tollhouse: project {project!r} has spent its {period} budget of {limit} USD (spent {spent:.6f} USD); "
             f"calls are rejected until {ends:%Y-%m-%d %H:%M} UTC. Raise {setting} to allow more.",
             "insufficient_quota", (ends - moment).total_seconds(),
-            {"x-should-retry": "false", "x-tollhouse-limit": setting},
+            {
+                "x-should-retry": "false",
+                "x-tollhouse-limit": setting,
+                # The budget in the x-ratelimit-* form, in USD, next to any per-minute limits.
+                f"x-ratelimit-limit-usd-{kind}": str(limit),
+                f"x-ratelimit-remaining-usd-{kind}": "0",
+                f"x-ratelimit-reset-usd-{kind}": f"{math.ceil((ends - moment).total_seconds())}s",
+            },
         )
         return
 

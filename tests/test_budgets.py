@@ -95,6 +95,9 @@ def test_daily_budget_rejects_then_survives_restart(upstream, tmp_path):
     assert third.headers["x-should-retry"] == "false"
     assert third.headers["x-tollhouse-limit"] == "budgets.projects.alpha.daily_usd"
     assert 1 <= int(third.headers["retry-after"]) <= 86400
+    assert third.headers["x-ratelimit-limit-usd-day"] == "0.01"
+    assert third.headers["x-ratelimit-remaining-usd-day"] == "0"
+    assert third.headers["x-ratelimit-reset-usd-day"] == third.headers["retry-after"] + "s"
     assert "budgets: project alpha has spent 0.007500 USD of its daily budget of 0.01 USD (75 %)" in gateway.stderr()
 
     rows = {row["request_id"]: row for row in gateway.rows()}
