@@ -23,6 +23,7 @@ from addons.rules import (
     DEFAULT_SHUTDOWN_GRACE,
     Provider,
     RulesError,
+    duplicate_keys,
     _check_hosts_unique,
     _list,
     _logging,
@@ -121,7 +122,8 @@ def _parse_yaml(text: str, report: CheckReport) -> Any:
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is None:
         return None
-    _find_duplicate_keys(node, (), set(), report)
+    for error in duplicate_keys(node):
+        report.add(error)
     # A repeated key keeps its last value, as in PyYAML, so the rest of the file can still be checked.
     return yaml.load(text, Loader=yaml.SafeLoader)
 
@@ -131,35 +133,6 @@ def _yaml_error_message(error: yaml.YAMLError) -> str:
     problem = getattr(error, "problem", None) or str(error)
     where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "rules file"
     return f"{where}: is not valid YAML: {' '.join(str(problem).split())}. Fix the YAML syntax at that line."
-
-
-def _find_duplicate_keys(node: yaml.Node, path: tuple[str, ...], visited: set[int], report: CheckReport) -> None:
-    # Same walk as addons.rules._check_duplicate_keys, but it records each repeated key and goes on.
-    if id(node) in visited:
-        return
-    visited.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            parent = path[:-1] + (f"{path[-1]}[{index}]",) if path else (f"[{index}]",)
-            _find_duplicate_keys(item, parent, visited, report)
-        return
-    if not isinstance(node, yaml.MappingNode):
-        return
-
-    first_lines: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-            continue
-        key = key_node.value
-        line = key_node.start_mark.line + 1
-        if key in first_lines:
-            report.add(RulesError(
-                ".".join(path + (key,)), key, f"is defined twice, on lines {first_lines[key]} and {line}",
-                "Remove one of them, or merge them into one entry: YAML would silently keep only the last one.",
-            ))
-        else:
-            first_lines[key] = line
-        _find_duplicate_keys(value_node, path + (key,), visited, report)
 
 
 # -- sections --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -314,39 +315,46 @@ class _RulesLoader(yaml.SafeLoader):
     """A SafeLoader that rejects a key repeated in one mapping, where PyYAML keeps the last value."""
 
     def construct_document(self, node: yaml.Node) -> Any:
-        _check_duplicate_keys(self, node, (), set())
+        for error in duplicate_keys(node):
+            raise error
         return super().construct_document(node)
 
 
-def _check_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[str, ...], visited: set[int]) -> None:
-    # An alias makes the node graph share (or even contain) a node, so each node is checked once.
+def duplicate_keys(node: yaml.Node) -> Iterator[RulesError]:
+    """Yield a RulesError for every key repeated within one mapping of a composed YAML document."""
+    yield from _walk_duplicate_keys(node, (), set())
+
+
+def _walk_duplicate_keys(node: yaml.Node, path: tuple[str, ...], visited: set[int]) -> Iterator[RulesError]:
+    # An alias makes the node graph share (or even contain) a node, so each node is visited once.
     if id(node) in visited:
         return
     visited.add(id(node))
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             parent = path[:-1] + (f"{path[-1]}[{index}]",) if path else (f"[{index}]",)
-            _check_duplicate_keys(loader, item, parent, visited)
+            yield from _walk_duplicate_keys(item, parent, visited)
         return
     if not isinstance(node, yaml.MappingNode):
         return
 
-    first_lines: dict[Any, int] = {}
+    # Keyed by resolved tag and text, so that `1:` and `"1":` stay different keys.
+    first_lines: dict[tuple[str, str], int] = {}
     for key_node, value_node in node.value:
         # Keys merged in with `<<: *anchor` may be overridden by the mapping's own keys.
-        if key_node.tag == "tag:yaml.org,2002:merge":
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
             continue
-        if not isinstance(key_node, yaml.ScalarNode):
-            continue
-        key = loader.construct_object(key_node)
+        key = key_node.value
         line = key_node.start_mark.line + 1
-        if key in first_lines:
-            raise RulesError(
-                ".".join(path + (str(key),)), key, f"is defined twice, on lines {first_lines[key]} and {line}",
+        identity = (key_node.tag, key)
+        if identity in first_lines:
+            yield RulesError(
+                ".".join(path + (key,)), key, f"is defined twice, on lines {first_lines[identity]} and {line}",
                 "Remove one of them, or merge them into one entry: YAML would silently keep only the last one.",
             )
-        first_lines[key] = line
-        _check_duplicate_keys(loader, value_node, path + (str(key),), visited)
+        else:
+            first_lines[identity] = line
+        yield from _walk_duplicate_keys(value_node, path + (key,), visited)
 
 
 # -- sections --------------------------------------------------------------------------------------
