@@ -179,8 +179,8 @@ async def serve(rules: Rules, overrides: Callable[[Rules], Rules] | None = None)
         with_termlog=False,
         with_dumper=False,
     )
-    # mitmproxy forwards every log record to its event loop as a deprecated `add_log` event; the
-    # gateway has no addon that reads those, and a record logged after the loop closed would fail.
+    # mitmproxy forwards every log record to its event loop as a deprecated `add_log` event. No addon
+    # of the gateway reads those, and a record logged after the loop closed would fail.
     master._legacy_log_events.uninstall()
     master.options.update(**mitmproxy_options(rules))
     gateway = Gateway(rules, pm, store, redactor)

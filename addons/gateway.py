@@ -65,7 +65,7 @@ TRACE_ID_KEY = "routing.trace_id"
 # Endpoints whose requests must carry a JSON object body.
 _JSON_ENDPOINTS = {"chat.completions", "responses", "embeddings", "messages", "messages.count_tokens"}
 
-# Longest error message stored from an upstream error body, in characters.
+# Maximum length of an error message stored from an upstream error body, in characters.
 _ERROR_MESSAGE_MAX = 500
 
 # Part of mitmproxy 12.3's error message for a body over its `body_size_limit`.
@@ -108,7 +108,7 @@ class Gateway:
             self._check_passthrough(flow, credentials)
 
     def _check_passthrough(self, flow: http.HTTPFlow, credentials: tuple[str, str] | None) -> None:
-        """Answer 403 or 407 when the tunnel rules forbid traffic to a host that is not a provider's."""
+        """Reject with 403 or 407 traffic to a non-provider host that the tunnel rules forbid."""
         tunnels = self.rules.tunnels
         host = flow.request.host
         status, message = 0, ""
@@ -119,7 +119,7 @@ class Gateway:
         elif tunnels.require_project_key and not self._known_project(credentials):
             status, message = 407, "tollhouse: put your project in the proxy URL: http://PROJECT:KEY@host:port"
         if status:
-            logger.warning("refused %s to %s:%s: %s", flow.request.method, host, flow.request.port, message)
+            logger.warning("rejected %s to %s:%s: %s", flow.request.method, host, flow.request.port, message)
             flow.response = http.Response.make(status, message.encode() + b"\n", {"content-type": "text/plain"})
             if status == 407:
                 flow.response.headers["proxy-authenticate"] = 'Basic realm="tollhouse"'

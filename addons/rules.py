@@ -73,13 +73,13 @@ class Provider:
     #: "openai", "anthropic", "azure" or "openai-compatible": decides the auth headers, error format and
     #: usage parsing (through `api_format`).
     kind: str
-    #: Where calls are sent, e.g. "https://api.openai.com" or a test server's "http://127.0.0.1:PORT".
+    #: Upstream origin the calls are sent to, e.g. "https://api.openai.com" or a test server's "http://127.0.0.1:PORT".
     scheme: str
     host: str
     port: int
     #: Host names clients address; the forward proxy intercepts TLS for these hosts only.
     hosts: tuple[str, ...]
-    #: Name of the gateway's environment variable that holds the real key.
+    #: Name of the gateway's environment variable that contains the real key.
     key_env: str
     #: Path prefix of the base URL without a trailing slash (e.g. "/openai" for Groq), or "".
     base_path: str = ""
@@ -147,7 +147,7 @@ DEFAULT_BLOCKED_NETWORKS = ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/
 
 @dataclass(frozen=True)
 class TunnelRules:
-    """What the forward proxy does with traffic to hosts that are not providers'."""
+    """Policy of the forward proxy for traffic to hosts that are not providers'."""
 
     #: Pass such traffic through at all (as an untouched TLS tunnel or plain HTTP).
     allow: bool = True
