@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import urllib.parse
 import zlib
 from pathlib import Path
@@ -24,7 +25,7 @@ import brotli
 import openai
 import pytest
 
-from addons.testing.fake_upstream import FakeUpstream, plan_writes, split_tokens
+from addons.testing.fake_upstream import Fault, FakeUpstream, parse_fault, plan_writes, split_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recorded"
@@ -756,7 +757,16 @@ def test_slow_fault_exceeds_client_timeout() -> None:
 
 @pytest.mark.parametrize(
     ("fault", "message"),
-    [("status:abc", "invalid number"), ("explode", "unknown directive"), ("slow:9999", "out of range")],
+    [
+        ("status:abc", "invalid number"),
+        ("explode", "unknown directive"),
+        ("slow:9999", "out of range"),
+        ("model:", "missing the model name"),
+        ("kind:azure", "invalid provider"),
+        ("kind:OpenAI", "invalid provider"),
+        ("models:gpt-4o", "unknown directive"),
+        ("early-errors", "unknown directive"),
+    ],
 )
 def test_invalid_fault_header_is_400(fake: FakeUpstream, fault: str, message: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
@@ -784,6 +794,329 @@ def test_unknown_paths_are_404_per_provider(fake: FakeUpstream) -> None:
     assert json.loads(openai_body)["error"]["message"] == "Invalid URL (POST /v1/nothing)"
     assert anthropic_status == 404
     assert json.loads(anthropic_body)["error"]["type"] == "not_found_error"
+
+
+# --- faults aimed at one model or provider, and early stream errors -----------------------------------
+
+OPENAI_AUTH = {"Authorization": f"Bearer {OPENAI_KEY}"}
+ANTHROPIC_AUTH = {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"}
+SONNET = "claude-sonnet-4-20250514"
+SERVER_ERROR = {
+    "message": "The server had an error while processing your request. Sorry about that!",
+    "type": "server_error",
+    "param": None,
+    "code": None,
+}
+OPENAI_500_BODY = (
+    b"{\n"
+    b'    "error": {\n'
+    b'        "message": "The server had an error while processing your request. Sorry about that!",\n'
+    b'        "type": "server_error",\n'
+    b'        "param": null,\n'
+    b'        "code": null\n'
+    b"    }\n"
+    b"}\n"
+)
+OVERLOADED_EVENT = (
+    b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+)
+
+
+def chat_payload(model: str, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": USER_HI, **fields}
+
+
+def messages_payload(model: str, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "max_tokens": 100, "messages": USER_HI, **fields}
+
+
+def without_ids(document: dict[str, Any]) -> dict[str, Any]:
+    """Drop the fields that differ between two otherwise equal responses: the id and the creation time."""
+    return {key: value for key, value in document.items() if key not in ("id", "created")}
+
+
+def test_parse_fault_target_directives() -> None:
+    parsed = parse_fault("status:529, model:claude-sonnet-4-20250514, times:2")
+
+    assert parsed == Fault(status=529, times=2, model=SONNET)
+    assert parse_fault("kind:anthropic,early-error") == Fault(early_error=True, kind="anthropic")
+    assert parse_fault("MODEL: Gpt-X ").model == "Gpt-X"
+    assert parse_fault("model:ft:gpt-4o-mini:org:abc123").model == "ft:gpt-4o-mini:org:abc123"
+    assert parse_fault("early-error").early_error is True
+    assert parse_fault("midstream-error").early_error is False
+
+
+def test_unknown_fault_lists_accepted_directives() -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_fault("status:500, model-name:gpt-4o")
+
+    assert str(caught.value) == (
+        "x-fault: unknown directive 'model-name:gpt-4o'. Expected status:N, retry, retry-after:SECONDS, "
+        "times:N, midstream-error, early-error, cut, slow:SECONDS, model:NAME, kind:openai or kind:anthropic"
+    )
+
+
+def test_model_fault_spares_other_models(fake: FakeUpstream) -> None:
+    fault = {"x-fault": f"status:529, model:{SONNET}, times:2"}
+    reference_status, _, reference = post_json(fake, "/v1/chat/completions", chat_payload("gpt-4o"), OPENAI_AUTH)
+    fake.clear()
+
+    openai_status, openai_headers, openai_body = post_json(
+        fake, "/v1/chat/completions", chat_payload("gpt-4o"), {**OPENAI_AUTH, **fault}
+    )
+    haiku_status, _, haiku_body = post_json(
+        fake, "/v1/messages", messages_payload("claude-haiku-4-5"), {**ANTHROPIC_AUTH, **fault}
+    )
+    sonnet = [post_json(fake, "/v1/messages", messages_payload(SONNET), {**ANTHROPIC_AUTH, **fault}) for _ in range(3)]
+
+    assert reference_status == 200
+    assert openai_status == 200
+    assert "x-should-retry" not in openai_headers
+    assert openai_headers["openai-processing-ms"] == "120"
+    assert without_ids(json.loads(openai_body)) == without_ids(json.loads(reference))
+    assert haiku_status == 200
+    assert json.loads(haiku_body)["content"] == [{"type": "text", "text": "Hello from the fake upstream."}]
+    assert [status for status, _, _ in sonnet] == [529, 529, 200]
+    for _, headers, body in sonnet[:2]:
+        expected = '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"%s"}'
+        assert body == (expected % headers["request-id"]).encode()
+        assert headers["x-should-retry"] == "false"
+        assert headers["retry-after"] == "1"
+    assert json.loads(sonnet[2][2])["model"] == SONNET
+    assert [response.status for response in fake.sent] == [200, 200, 529, 529, 200]
+
+
+@pytest.mark.parametrize(
+    ("requested", "faulted"),
+    [("gpt-4o", True), ("gpt-4o-mini", False), ("gpt-4o-2024-08-06", False), ("GPT-4o", False), ("gpt-4", False)],
+)
+def test_model_fault_matches_name_exactly(fake: FakeUpstream, requested: str, faulted: bool) -> None:
+    headers = {**OPENAI_AUTH, "x-fault": "status:500, model:gpt-4o"}
+    status, _, body = post_json(fake, "/v1/chat/completions", chat_payload(requested), headers)
+
+    assert status == (500 if faulted else 200)
+    if faulted:
+        assert body == OPENAI_500_BODY
+    else:
+        assert json.loads(body)["object"] == "chat.completion"
+
+
+def test_model_fault_matches_azure_deployment(fake: FakeUpstream) -> None:
+    headers = {"api-key": OPENAI_KEY, "x-fault": "status:500, model:prod-gpt4o, times:1"}
+    query = "?api-version=2024-10-21"
+    other_status, _, other_body = post_json(
+        fake, f"/openai/deployments/staging-gpt4o/chat/completions{query}", chat_payload("gpt-4o"), headers
+    )
+    first_status, _, first_body = post_json(
+        fake, f"/openai/deployments/prod-gpt4o/chat/completions{query}", chat_payload("gpt-4o"), headers
+    )
+    second_status, _, _ = post_json(
+        fake, f"/openai/deployments/prod-gpt4o/chat/completions{query}", chat_payload("gpt-4o"), headers
+    )
+
+    assert other_status == 200
+    assert json.loads(other_body)["choices"][0]["message"]["content"] == "Hello from the fake upstream."
+    assert first_status == 500
+    assert first_body == OPENAI_500_BODY
+    assert second_status == 200
+
+
+def test_kind_fault_spares_other_provider(fake: FakeUpstream) -> None:
+    fault = {"x-fault": "status:500, kind:openai, times:1"}
+    anthropic_statuses = [
+        post_json(fake, "/v1/messages", messages_payload(SONNET), {**ANTHROPIC_AUTH, **fault})[0] for _ in range(2)
+    ]
+    openai_first = post_json(fake, "/v1/chat/completions", chat_payload("gpt-4o"), {**OPENAI_AUTH, **fault})
+    openai_second = post_json(fake, "/v1/chat/completions", chat_payload("gpt-4o"), {**OPENAI_AUTH, **fault})
+
+    assert anthropic_statuses == [200, 200]
+    assert openai_first[0] == 500
+    assert openai_first[2] == OPENAI_500_BODY
+    assert openai_first[1]["x-should-retry"] == "false"
+    assert openai_second[0] == 200
+    assert json.loads(openai_second[2])["choices"][0]["finish_reason"] == "stop"
+
+
+def test_kind_fault_follows_provider_choice(fake: FakeUpstream) -> None:
+    fault = {"x-fault": "status:503, kind:anthropic"}
+    openai_status, _, _ = post_json(fake, "/v1/chat/completions", chat_payload("gpt-4o"), {**OPENAI_AUTH, **fault})
+    messages_status, messages_headers, messages_body = post_json(
+        fake, "/v1/messages", messages_payload(SONNET), {**ANTHROPIC_AUTH, **fault}
+    )
+    # Only the anthropic-version header makes the fake serve this path as Anthropic.
+    models_raw = raw_exchange(fake.port, "GET", "/v1/models", headers={**ANTHROPIC_AUTH, **fault})
+    models_status, _, _ = split_response(models_raw)
+
+    assert openai_status == 200
+    assert messages_status == 503
+    expected = '{"type":"error","error":{"type":"api_error","message":"Service unavailable"},"request_id":"%s"}'
+    assert messages_body == (expected % messages_headers["request-id"]).encode()
+    assert models_status == 503
+
+
+def test_model_and_kind_faults_combine(fake: FakeUpstream) -> None:
+    # An Anthropic-shaped request naming an OpenAI model matches `model:` but not `kind:`.
+    fault = {"x-fault": "status:500, kind:openai, model:gpt-4o"}
+    anthropic_status, _, _ = post_json(fake, "/v1/messages", messages_payload("gpt-4o"), {**ANTHROPIC_AUTH, **fault})
+    other_model_status, _, _ = post_json(
+        fake, "/v1/chat/completions", chat_payload("gpt-4o-mini"), {**OPENAI_AUTH, **fault}
+    )
+    target_status, _, _ = post_json(fake, "/v1/chat/completions", chat_payload("gpt-4o"), {**OPENAI_AUTH, **fault})
+
+    assert anthropic_status == 200
+    assert other_model_status == 200
+    assert target_status == 500
+
+
+def test_model_fault_spares_slow_and_cut(fake: FakeUpstream) -> None:
+    fault = {"x-fault": f"cut, slow:5, model:{SONNET}"}
+    started = time.monotonic()
+    status, headers, body = post_json(
+        fake, "/v1/chat/completions", chat_payload("gpt-4o", stream=True), {**OPENAI_AUTH, **fault}
+    )
+    elapsed = time.monotonic() - started
+
+    assert status == 200
+    assert elapsed < 4.0
+    assert headers["openai-processing-ms"] == "120"
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert fake.sent[0].complete is True
+
+
+def test_anthropic_early_error_on_the_wire(fake: FakeUpstream) -> None:
+    headers = {**ANTHROPIC_AUTH, "x-fault": "early-error"}
+    status, response_headers, body = post_json(fake, "/v1/messages", messages_payload(SONNET, stream=True), headers)
+    events = parse_sse(body)
+
+    assert status == 200
+    assert response_headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert [name for name, _ in events] == ["message_start", "error"]
+    assert body.startswith(b"event: message_start\ndata: {")
+    assert body.endswith(b"}\n\n" + OVERLOADED_EVENT)
+    assert json.loads(events[0][1])["message"]["model"] == SONNET
+    assert json.loads(events[0][1])["message"]["content"] == []
+    assert fake.sent[0].complete is True
+
+
+def test_anthropic_early_error_in_sdk(fake: FakeUpstream) -> None:
+    stream = anthropic_client(fake).messages.create(
+        model=SONNET, max_tokens=10, messages=USER_HI, stream=True, extra_headers={"x-fault": "early-error"}
+    )
+    types = []
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        for event in stream:
+            types.append(event.type)
+
+    assert types == ["message_start"]
+    assert caught.value.body["error"] == {"type": "overloaded_error", "message": "Overloaded"}
+
+
+def test_chat_early_error_on_the_wire(fake: FakeUpstream) -> None:
+    payload = chat_payload("gpt-4o", stream=True, stream_options={"include_usage": True})
+    status, response_headers, body = post_json(
+        fake, "/v1/chat/completions", payload, {**OPENAI_AUTH, "x-fault": "early-error"}
+    )
+
+    assert status == 200
+    assert response_headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert body == (
+        b'data: {"error":{"message":"The server had an error while processing your request. Sorry about that!",'
+        b'"type":"server_error","param":null,"code":null}}\n\n'
+    )
+    assert json.loads(parse_sse(body)[0][1]) == {"error": SERVER_ERROR}
+    assert fake.sent[0].complete is True
+
+
+def test_chat_early_error_in_sdk(fake: FakeUpstream) -> None:
+    stream = openai_client(fake).chat.completions.create(
+        model="gpt-4o", messages=USER_HI, stream=True, extra_headers={"x-fault": "early-error"}
+    )
+    received = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            received.append(chunk)
+
+    assert received == []
+    assert caught.value.body == SERVER_ERROR
+    assert not isinstance(caught.value, openai.APIStatusError)
+
+
+def test_responses_early_error_before_delta(fake: FakeUpstream) -> None:
+    headers = {**OPENAI_AUTH, "x-fault": "early-error"}
+    status, _, body = post_json(fake, "/v1/responses", {"model": "gpt-5.5", "input": "hi", "stream": True}, headers)
+    events = parse_sse(body)
+
+    assert status == 200
+    assert [name for name, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "error",
+    ]
+    assert events[-1][1] == (
+        '{"type":"error","code":"server_error","message":"The server had an error while processing your request. '
+        'Sorry about that!","param":null,"sequence_number":4}'
+    )
+    assert body.endswith(b"\n\n")
+
+
+def test_responses_early_error_function_call(fake: FakeUpstream) -> None:
+    tool = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    payload = {"model": "gpt-5.5", "input": "go", "tools": [tool], "stream": True}
+    stream = openai_client(fake).responses.create(
+        model="gpt-5.5", input="go", tools=[tool], stream=True, extra_headers={"x-fault": "early-error"}
+    )
+    events = list(stream)
+    _, _, body = post_json(fake, "/v1/responses", payload, {**OPENAI_AUTH, "x-fault": "early-error"})
+
+    assert [event.type for event in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "error",
+    ]
+    assert events[-1].code == "server_error"
+    assert events[2].item.type == "function_call"
+    assert events[2].item.arguments == ""
+    assert [name for name, _ in parse_sse(body)] == [event.type for event in events]
+
+
+def test_early_error_ignored_without_stream(fake: FakeUpstream) -> None:
+    fault = {"x-fault": "early-error"}
+    chat_status, _, chat_body = post_json(
+        fake, "/v1/chat/completions", chat_payload("gpt-4o"), {**OPENAI_AUTH, **fault}
+    )
+    messages_status, _, messages_body = post_json(
+        fake, "/v1/messages", messages_payload(SONNET), {**ANTHROPIC_AUTH, **fault}
+    )
+    responses_status, _, responses_body = post_json(
+        fake, "/v1/responses", {"model": "gpt-5.5", "input": "hi"}, {**OPENAI_AUTH, **fault}
+    )
+
+    assert chat_status == 200
+    assert json.loads(chat_body)["choices"][0]["message"]["content"] == "Hello from the fake upstream."
+    assert messages_status == 200
+    assert json.loads(messages_body)["stop_reason"] == "end_turn"
+    assert responses_status == 200
+    assert json.loads(responses_body)["status"] == "completed"
+
+
+def test_early_error_targets_one_model_once(fake: FakeUpstream) -> None:
+    # A fallback from Anthropic to OpenAI forwards the same x-fault value to both attempts.
+    fault = {"x-fault": f"early-error, model:{SONNET}, times:1"}
+    first = post_json(fake, "/v1/messages", messages_payload(SONNET, stream=True), {**ANTHROPIC_AUTH, **fault})
+    fallback = post_json(fake, "/v1/chat/completions", chat_payload("gpt-4o", stream=True), {**OPENAI_AUTH, **fault})
+    second = post_json(fake, "/v1/messages", messages_payload(SONNET, stream=True), {**ANTHROPIC_AUTH, **fault})
+
+    assert first[0] == 200
+    assert first[2].endswith(OVERLOADED_EVENT)
+    assert fallback[0] == 200
+    assert fallback[2].endswith(b"data: [DONE]\n\n")
+    assert b'"error"' not in fallback[2]
+    assert second[0] == 200
+    assert [name for name, _ in parse_sse(second[2])][-1] == "message_stop"
+    assert b"event: error" not in second[2]
 
 
 # --- wire format -----------------------------------------------------------------------------------

@@ -339,7 +339,7 @@ def _stream_events(
     """Build the event stream: message_start, ping, the blocks, message_delta and message_stop.
 
     With `x-fault: midstream-error`, an `error` event (overloaded_error) follows the first content
-    delta and ends the stream.
+    delta and ends the stream. With `x-fault: early-error`, the same event follows `message_start` and ends it.
     """
     crlf = exchange.steering.crlf
     events: list[str] = []
@@ -364,6 +364,9 @@ def _stream_events(
         "usage": start_usage,
     }
     add("message_start", {"message": message})
+    if exchange.steering.fault.early_error:
+        events.append(_overloaded_event(crlf))
+        return events
 
     for index, block in enumerate(plan.blocks):
         add("content_block_start", {"index": index, "content_block": _block_start(block)})
@@ -372,8 +375,7 @@ def _stream_events(
         for delta in _block_deltas(block):
             add("content_block_delta", {"index": index, "delta": delta})
             if exchange.steering.fault.midstream_error:
-                error = {"type": "overloaded_error", "message": "Overloaded"}
-                events.append(sse_event(json_compact({"type": "error", "error": error}), event="error", crlf=crlf))
+                events.append(_overloaded_event(crlf))
                 return events
         add("content_block_stop", {"index": index})
 
@@ -384,6 +386,12 @@ def _stream_events(
     add("message_delta", {"delta": delta, "usage": delta_usage})
     add("message_stop", {})
     return events
+
+
+def _overloaded_event(crlf: bool) -> str:
+    """Return the `error` event that api.anthropic.com sends when it becomes overloaded during a stream."""
+    error = {"type": "overloaded_error", "message": "Overloaded"}
+    return sse_event(json_compact({"type": "error", "error": error}), event="error", crlf=crlf)
 
 
 def _block_start(block: Block) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from addons.testing.fake_upstream import (
     MODEL_SNAPSHOTS,
     BadRequest,
     Exchange,
+    Fault,
     Headers,
     ReceivedRequest,
     Reply,
@@ -362,7 +363,9 @@ def _chat_stream_events(
 
     With `stream_options.include_usage`, every chunk has ``"usage": null`` before `obfuscation`, and a
     last chunk with ``"choices": []`` carries the usage. Without it, no chunk has a `usage` key.
-    `obfuscation` is present unless `stream_options.include_obfuscation` is false.
+    `obfuscation` is present unless `stream_options.include_obfuscation` is false. With `x-fault: midstream-error`,
+    an error object follows half of the content chunks and ends the stream. With `early-error`, the error object
+    is the only event.
     """
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
     include_usage = options.get("include_usage") is True
@@ -377,6 +380,9 @@ def _chat_stream_events(
         "system_fingerprint": _fingerprint(model),
     }
     events: list[str] = []
+    if exchange.steering.fault.early_error:
+        events.append(sse_event(json_compact({"error": _stream_error()}), crlf=crlf))
+        return events
 
     def add_chunk(choices: list[dict[str, Any]], chunk_usage: dict[str, Any] | None = None) -> None:
         chunk: dict[str, Any] = {**base, "choices": choices}
@@ -408,8 +414,7 @@ def _chat_stream_events(
             break
         add_chunk([choice(delta)])
     if error_after is not None:
-        error = {"message": SERVER_ERROR_MESSAGE, "type": "server_error", "param": None, "code": None}
-        events.append(sse_event(json_compact({"error": error}), crlf=crlf))
+        events.append(sse_event(json_compact({"error": _stream_error()}), crlf=crlf))
         return events
 
     add_chunk([choice({}, plan.finish_reason)])
@@ -417,6 +422,11 @@ def _chat_stream_events(
         add_chunk([], usage)
     events.append(sse_event("[DONE]", crlf=crlf))
     return events
+
+
+def _stream_error() -> dict[str, Any]:
+    """Return the error object that a failing chat stream sends in place of a chunk."""
+    return {"message": SERVER_ERROR_MESSAGE, "type": "server_error", "param": None, "code": None}
 
 
 # --- responses -------------------------------------------------------------------------------------
@@ -652,9 +662,10 @@ def _responses_stream_events(
 
     fault = exchange.steering.fault
     if plan.tool is not None:
-        finished = _stream_function_call(add, plan.tool, ids, index, fault.midstream_error)
+        error_after = _error_position(fault, len(plan.tool.fragments))
+        finished = _stream_function_call(add, plan.tool, ids, index, error_after)
     else:
-        finished = _stream_message(add, plan, ids, index, fault.midstream_error)
+        finished = _stream_message(add, plan, ids, index, _error_position(fault, len(plan.pieces)))
     if not finished:
         return events
 
@@ -664,14 +675,25 @@ def _responses_stream_events(
     return events
 
 
+def _error_position(fault: Fault, delta_count: int) -> int | None:
+    """Return how many of `delta_count` deltas precede the fault's error event, or None for no error event."""
+    if fault.early_error:
+        return 0
+    if fault.midstream_error:
+        return math.ceil(delta_count / 2)
+    return None
+
+
 def _stream_message(
-    add: Callable[..., None], plan: ResponsesPlan, ids: dict[str, str], index: int, midstream_error: bool
+    add: Callable[..., None], plan: ResponsesPlan, ids: dict[str, str], index: int, error_after: int | None
 ) -> bool:
-    """Add the events of a message item, and return False when a mid-stream error ended the stream."""
+    """Add the events of a message item, ending with an error event after `error_after` deltas if set.
+
+    Return False when the error event ended the stream.
+    """
     item_id = ids["message"]
     add("response.output_item.added", item=_message_item(ids, [], "in_progress"), output_index=index)
     add("response.content_part.added", content_index=0, item_id=item_id, output_index=index, part=_output_text(""))
-    error_after = math.ceil(len(plan.pieces) / 2) if midstream_error else None
     for position, piece in enumerate(plan.pieces):
         if position == error_after:
             break
@@ -697,12 +719,14 @@ def _stream_message(
 
 
 def _stream_function_call(
-    add: Callable[..., None], tool: ToolCall, ids: dict[str, str], index: int, midstream_error: bool
+    add: Callable[..., None], tool: ToolCall, ids: dict[str, str], index: int, error_after: int | None
 ) -> bool:
-    """Add the events of a function call item, and return False when a mid-stream error ended the stream."""
+    """Add the events of a function call item, ending with an error event after `error_after` deltas if set.
+
+    Return False when the error event ended the stream.
+    """
     item_id = ids["function"]
     add("response.output_item.added", item=_function_call_item(tool, ids, "", "in_progress"), output_index=index)
-    error_after = math.ceil(len(tool.fragments) / 2) if midstream_error else None
     for position, fragment in enumerate(tool.fragments):
         if position == error_after:
             break

@@ -9,7 +9,8 @@ are deterministic, and these request headers steer them:
 - ``x-fake-usage``: a JSON object in the provider's own usage field names, merged into the default usage.
 - ``x-fake-tool-call``: ``1`` forces a tool call when the request offers tools, ``0`` forbids one.
 - ``x-fault``: comma-separated directives ``status:N``, ``retry``, ``retry-after:SECONDS``, ``times:N``,
-  ``midstream-error``, ``cut`` and ``slow:SECONDS`` (see `parse_fault`).
+  ``midstream-error``, ``early-error``, ``cut`` and ``slow:SECONDS``, narrowed to some requests by
+  ``model:NAME`` and ``kind:openai`` or ``kind:anthropic`` (see `parse_fault`).
 - ``x-fake-gzip``: ``1`` or ``gzip`` compresses the response with gzip, ``br`` with brotli, ``0`` not at all.
 - ``x-fake-crlf``: ``1`` ends SSE lines with CRLF instead of LF.
 - ``x-fixture``: replays the recorded response ``<fixtures_dir>/<name>.json`` byte for byte.
@@ -81,6 +82,10 @@ MODEL_SNAPSHOTS = {
 ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 HEX_DIGITS = "0123456789abcdef"
 FIXTURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Azure OpenAI's deployment paths. The deployment name in them takes the place of a model name.
+AZURE_DEPLOYMENT_PATH = re.compile(r"^/openai/deployments/([^/]+)/")
+#: Provider kinds that `kind:` accepts. They equal the `KIND` values of the provider modules.
+PROVIDER_KINDS = ("openai", "anthropic")
 #: Response headers that the server sets itself from the way it frames and encodes the body.
 FRAMING_HEADERS = {"content-length", "transfer-encoding", "content-encoding", "connection", "date"}
 
@@ -177,12 +182,27 @@ class Fault:
     retry: bool = False
     #: Seconds for `retry-after` (and `retry-after-ms`). None keeps the provider's default.
     retry_after: float | None = None
-    #: Apply the fault to the first N requests that carry the same `x-fault` value, then respond normally.
+    #: Apply the fault to the first N matching requests that carry the same `x-fault` value, then respond
+    #: normally. Requests that `model` or `kind` exclude do not count.
     times: int | None = None
     midstream_error: bool = False
+    #: Whether a streamed response ends with an error event before its first content delta.
+    early_error: bool = False
     cut: bool = False
     #: Seconds to wait before the first byte of the response.
     slow: float = 0.0
+    #: The only model that the fault applies to, compared with the body's `model` and an Azure deployment name.
+    model: str | None = None
+    #: The only provider kind ("openai" or "anthropic") that the fault applies to, as `_provider_for` picks it.
+    kind: str | None = None
+
+    def applies_to(self, request: ReceivedRequest, kind: str) -> bool:
+        """Return whether the `model` and `kind` filters select `request`, which the provider of kind `kind` serves."""
+        if self.kind is not None and self.kind != kind:
+            return False
+        if self.model is not None and self.model not in requested_models(request):
+            return False
+        return True
 
 
 @dataclass(slots=True)
@@ -202,7 +222,10 @@ class Steering:
 
 
 def parse_fault(value: str) -> Fault:
-    """Parse an `x-fault` value such as ``status:529, retry, times:2``, raising ValueError for invalid input."""
+    """Parse an `x-fault` value such as ``status:529, model:gpt-4o, times:2``, raising ValueError for invalid input.
+
+    Directive names are case-insensitive, and the arguments of `model:` and `kind:` are compared exactly.
+    """
     fault = Fault()
     for raw in value.split(","):
         directive = raw.strip()
@@ -222,14 +245,26 @@ def parse_fault(value: str) -> Fault:
                 fault.times = _parse_number(argument, directive, int, 1, 1_000_000)
             case "midstream-error":
                 fault.midstream_error = True
+            case "early-error":
+                fault.early_error = True
             case "cut":
                 fault.cut = True
             case "slow":
                 fault.slow = _parse_number(argument, directive, float, 0.0, MAX_SLOW_SECONDS)
+            case "model":
+                if not argument:
+                    message = f"x-fault: {directive!r} is missing the model name. Use model:NAME, such as model:gpt-4o."
+                    raise ValueError(message)
+                fault.model = argument
+            case "kind":
+                if argument not in PROVIDER_KINDS:
+                    raise ValueError(f"x-fault: invalid provider in {directive!r}. Use kind:openai or kind:anthropic.")
+                fault.kind = argument
             case _:
                 raise ValueError(
                     f"x-fault: unknown directive {directive!r}. Expected status:N, retry, retry-after:SECONDS, "
-                    "times:N, midstream-error, cut or slow:SECONDS"
+                    "times:N, midstream-error, early-error, cut, slow:SECONDS, model:NAME, kind:openai "
+                    "or kind:anthropic"
                 )
     return fault
 
@@ -242,6 +277,17 @@ def _parse_number[T: (int, float)](text: str, directive: str, kind: type[T], low
     if not (low <= number <= high) or (isinstance(number, float) and math.isnan(number)):
         raise ValueError(f"x-fault: {directive!r} is out of range. Use a value from {low} to {high}.")
     return number
+
+
+def requested_models(request: ReceivedRequest) -> list[str]:
+    """Return the model names in `request`: its JSON body's `model` and its Azure deployment name."""
+    names = []
+    if isinstance(request.json, dict) and isinstance(request.json.get("model"), str):
+        names.append(request.json["model"])
+    deployment = AZURE_DEPLOYMENT_PATH.match(request.path)
+    if deployment:
+        names.append(urllib.parse.unquote(deployment.group(1)))
+    return names
 
 
 def parse_steering(request: ReceivedRequest) -> Steering:
@@ -802,6 +848,14 @@ class FakeUpstream:
             logger.info("fake upstream: 400 for %s %s: %s", request.method, request.path, steering_error)
             return provider.invalid_request_error(exchange, steering_error), steering
 
+        if not steering.fault.applies_to(request, provider.KIND):
+            logger.debug(
+                "fake upstream: x-fault %r does not match %s %s, so the fake responds normally",
+                steering.fault_key,
+                request.method,
+                request.path,
+            )
+            steering.fault = Fault()
         self._spend_fault_budget(steering)
         if steering.fault.status is not None:
             status = steering.fault.status
