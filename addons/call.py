@@ -147,6 +147,12 @@ class Call:
     #: When True, the streamed answer is re-assembled event by event, so that `tollhouse_sse_event`
     #: implementations can withhold or rewrite events. A compressed stream is then sent decompressed.
     rewrite_stream: bool = False
+    #: Name of the routing config that routed the call ("x-portkey-config" for one sent in the header).
+    route: str | None = None
+    #: Portkey's name of the config target that answered, such as "config.targets[1]".
+    served_by: str | None = None
+    #: Upstream attempts of a call with fallbacks or retries, as `addons.fallback.Attempt.as_dict()`.
+    attempts: list[dict[str, Any]] | None = None
     #: Free-form labels stored as JSON in the `tags` column (for example a team name).
     tags: dict[str, str] = field(default_factory=dict)
     #: Request and response bodies, kept only when the rules enable body logging (secrets masked).

@@ -17,6 +17,7 @@ import yaml
 
 from addons import policy_rules
 from addons.rules import (
+    _fallbacks,
     DEFAULT_BASE_URL_LISTEN,
     DEFAULT_LISTEN,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -49,7 +50,7 @@ from addons.rules import (
 TOP_LEVEL_KEYS = {
     "listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
     "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets",
-    "tunnels", "admin_listen", "log_format",
+    "tunnels", "admin_listen", "log_format", "fallbacks",
 }
 
 
@@ -181,7 +182,8 @@ def _check_sections(top: dict, base_dir: Path, report: CheckReport) -> None:
     declared_projects = {name: None for name in projects_raw or {}}
     routes_raw = _collect(report, lambda: _mapping(top.get("routes", {}), "routes")) or {}
     for name, spec in routes_raw.items():
-        _collect(report, lambda name=name, spec=spec: _route(name, spec, declared_providers))
+        _collect(report, lambda name=name, spec=spec: _route(name, spec, declared_providers, declared_projects))
+    _collect(report, lambda: _fallbacks(top.get("fallbacks")))
 
     if data_dir is not None:
         _check_settings(top.get("logging", {}), "logging", lambda spec: _logging(spec, data_dir), report)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import copy
 import hmac
 import inspect
 import ipaddress
@@ -32,23 +33,30 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from addons.breaker import CircuitBreakers
 from addons.call import Call, Price, endpoint_for
 from addons.errors import error_response
 from addons.hook_calls import ErrorHandler, HookImplementations
 from addons.log_format import CALL_FIELDS
 from addons.logstore import LogStore, row_for
+from addons.relay import TOKEN_HEADER, Relay, RelayJob
+from addons.route_rules import Target
 from addons.routing import (
     BASE_URL_PLACEHOLDER,
+    CONFIG_HEADER,
     METADATA_HEADER,
     TRACE_ID_HEADER,
     Route,
     RoutingError,
     client_format_for,
+    native_path,
+    read_config,
     read_portkey_metadata,
     route_request,
     strip_portkey_headers,
+    upstream_path,
 )
-from addons.rules import Rules, project_key_digest
+from addons.rules import Provider, Rules, project_key_digest
 from addons.secrets import Redactor
 from addons.stream_tap import StreamTap
 
@@ -57,8 +65,10 @@ logger = logging.getLogger(__name__)
 #: Key of the `Call` in `flow.metadata`.
 CALL_KEY = "tollhouse.call"
 
-#: Key of `call.metadata` with the request body members that the routing config overrides.
-OVERRIDE_PARAMS_KEY = "routing.override_params"
+#: Key of `flow.metadata` with the routing config from `x-portkey-config`: (config, route name, default provider).
+CONFIG_KEY = "tollhouse.routing_config"
+#: Key of `flow.metadata` with the `RelayJob` of a call that the relay answers.
+RELAY_KEY = "tollhouse.relay_job"
 #: Key of `call.metadata` with the trace id sent back in `x-portkey-trace-id` (base-URL listener only).
 TRACE_ID_KEY = "routing.trace_id"
 
@@ -90,6 +100,13 @@ class Gateway:
         self._active: dict[str, Call] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self.breakers = CircuitBreakers(rules.fallbacks.breaker_failures, rules.fallbacks.breaker_cooldown)
+        self.relay = Relay(rules.fallbacks, self.breakers)
+        # Relay tokens of calls in flight, by request id.
+        self._relay_tokens: dict[str, str] = {}
+
+    async def running(self) -> None:
+        await self.relay.start()
 
     def apply_rules(self, rules: Rules) -> None:
         """Use reloaded rules for calls that start from now on; they must intercept the same hosts."""
@@ -97,6 +114,8 @@ class Gateway:
             raise ValueError("reloaded rules must intercept the same hosts; a restart is needed to change them")
         self.rules = rules
         self._upstreams = rules.upstream_addresses
+        self.breakers.configure(rules.fallbacks.breaker_failures, rules.fallbacks.breaker_cooldown)
+        self.relay.configure(rules.fallbacks)
 
     # -- connections ---------------------------------------------------------------------------------
 
@@ -144,6 +163,8 @@ class Gateway:
         if address is None:
             return
         host, port = address[0].lower(), address[1]
+        if self.relay.started and (host, port) == self.relay.address:
+            return
         if (host, port) == BASE_URL_PLACEHOLDER and (host, port) not in self._upstreams:
             data.server.error = f"tollhouse blocked a connection to {host}:{port}: a base-URL request was not routed"
             logger.error("egress guard blocked a connection to the base-URL listener's placeholder %s:%s", host, port)
@@ -204,8 +225,8 @@ class Gateway:
             request.headers["host"] = provider.host if provider.port in (80, 443) else f"{provider.host}:{provider.port}"
         if route is not None:
             request.path = route.path
-            if route.override_params:
-                call.metadata[OVERRIDE_PARAMS_KEY] = route.override_params
+            if route.config is not None:
+                flow.metadata[CONFIG_KEY] = (route.config, route.route_name, route.default_provider)
         if listener == "base_url":
             call.metadata[TRACE_ID_KEY] = request.headers.get(TRACE_ID_HEADER, "").strip() or call.request_id
 
@@ -238,6 +259,15 @@ class Gateway:
             call.tags.update(read_portkey_metadata(request.headers.get(METADATA_HEADER)))
         except RoutingError as e:
             routing_error = routing_error or e
+        if listener == "proxy" and CONFIG_HEADER in request.headers:
+            # The forward proxy honours a routing config in the header too; its targets that name no
+            # provider keep the provider of the host the client called.
+            try:
+                config, name = read_config(self.rules, request.headers.get(CONFIG_HEADER))
+                if config is not None:
+                    flow.metadata[CONFIG_KEY] = (config, name, provider)
+            except RoutingError as e:
+                routing_error = routing_error or e
         if routing_error is not None:
             self._reject(call, flow, routing_error.status, str(routing_error))
 
@@ -262,14 +292,16 @@ class Gateway:
             if not isinstance(body, dict):
                 self._reject(call, flow, 400, "request body must be a JSON object")
                 return
-            overrides = call.metadata.get(OVERRIDE_PARAMS_KEY)
-            if overrides:
-                body.update(overrides)
-                flow.request.content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             call.request_json = body
             model = body.get("model")
             call.model = model if isinstance(model, str) else None
             call.stream = body.get("stream") is True
+
+        routing = self._routing_config(call, flow)
+        if routing is not None and not routing[0].needs_relay:
+            # One target and nothing to retry: mitmproxy sends the call there itself.
+            self._apply_target(call, flow, routing[0].leaves()[0], routing[2])
+            routing = None
 
         try:
             results = self.pm.hook.tollhouse_request(call=call, flow=flow)
@@ -278,22 +310,143 @@ class Gateway:
             return None
         pending = [result for result in results if inspect.isawaitable(result)]
         if pending:
-            return self._await_request_hooks(call, flow, pending)
-        strip_portkey_headers(flow.request.headers)
-        if flow.response is not None:
-            call.answered_by_gateway = True
-        return None
+            return self._await_request_hooks(call, flow, pending, routing)
+        return self._after_request_hooks(call, flow, routing)
 
-    async def _await_request_hooks(self, call: Call, flow: http.HTTPFlow, pending: list[Awaitable]) -> None:
+    async def _await_request_hooks(
+        self, call: Call, flow: http.HTTPFlow, pending: list[Awaitable], routing: tuple | None
+    ) -> None:
         for awaitable in pending:
             try:
                 await awaitable
             except Exception as e:
                 self._plugin_failed(call, flow, "tollhouse_request", e)
                 return
+        after = self._after_request_hooks(call, flow, routing)
+        if after is not None:
+            await after
+
+    def _after_request_hooks(self, call: Call, flow: http.HTTPFlow, routing: tuple | None) -> Awaitable[None] | None:
         strip_portkey_headers(flow.request.headers)
         if flow.response is not None:
             call.answered_by_gateway = True
+            return None
+        if routing is not None:
+            if not self.relay.started:
+                return self._start_relay_then_hand_over(call, flow, routing)
+            self._hand_to_relay(call, flow, routing)
+            return None
+        try:
+            self.pm.hook.tollhouse_upstream_request(call=call, flow=flow)
+        except Exception as e:
+            self._plugin_failed(call, flow, "tollhouse_upstream_request", e)
+            return None
+        if flow.response is not None:
+            call.answered_by_gateway = True
+        return None
+
+    # -- routing configs -----------------------------------------------------------------------------
+
+    def _routing_config(self, call: Call, flow: http.HTTPFlow) -> tuple[Target, str | None, Provider] | None:
+        """Return (config, route name, default provider) of the call, from the header or a matching route."""
+        routing = flow.metadata.pop(CONFIG_KEY, None)
+        if routing is None and self.rules.routes and call.provider is not None:
+            route = self.rules.route_for(call.provider.name, call.model, call.project.name if call.project else None)
+            if route is not None:
+                routing = (route.config, route.name, call.provider)
+        if routing is None:
+            return None
+        config, name, default = routing
+        call.route = name
+        first = config.leaves()[0]
+        if first.provider is not None and first.provider is not call.provider:
+            # Policy plugins in tollhouse_request see the provider of the first target, and every
+            # attempt starts from a request that points at that provider.
+            self._point_at(flow.request, first.provider, call.path)
+            call.provider = first.provider
+        return config, name, default or call.provider
+
+    def _apply_target(self, call: Call, flow: http.HTTPFlow, target: Target, default: Provider) -> None:
+        """Point the flow at one target: its provider's origin and path, and its override_params."""
+        provider = target.provider or default
+        request = flow.request
+        if provider is not call.provider or (request.host, request.port) != provider.address:
+            self._point_at(request, provider, call.path)
+        call.provider = provider
+        call.served_by = target.option
+        if target.override_params and call.request_json is not None:
+            call.request_json.update(target.override_params)
+            model = call.request_json.get("model")
+            call.model = model if isinstance(model, str) else None
+            request.content = json.dumps(call.request_json, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @staticmethod
+    def _point_at(request: http.Request, provider: Provider, client_path: str) -> None:
+        request.scheme = provider.scheme
+        request.host = provider.host
+        request.port = provider.port
+        request.headers["host"] = provider.host if provider.port in (80, 443) else f"{provider.host}:{provider.port}"
+        request.path = upstream_path(provider, client_path, native_path(client_path))
+
+    async def _start_relay_then_hand_over(self, call: Call, flow: http.HTTPFlow, routing: tuple) -> None:
+        await self.relay.start()
+        self._hand_to_relay(call, flow, routing)
+
+    def _hand_to_relay(self, call: Call, flow: http.HTTPFlow, routing: tuple) -> None:
+        """Register the call with the relay and point the flow at it, with only the job's token."""
+        config, _, default = routing
+        base = _AttemptBase(
+            request=flow.request.copy(),
+            provider=call.provider,
+            endpoint=call.endpoint,
+            model=call.model,
+            request_json=call.request_json,
+            rewrite_stream=call.rewrite_stream,
+            metadata=dict(call.metadata),
+        )
+        job = RelayJob(call, config, default, prepare=lambda target: self.prepare_attempt(call, flow, base, target, default))
+        token = self.relay.register(job)
+        self._relay_tokens[call.request_id] = token
+        flow.metadata[RELAY_KEY] = job
+
+        host, port = self.relay.address
+        request = flow.request
+        request.scheme = "http"
+        request.host = host
+        request.port = port
+        request.headers = http.Headers(host=f"{host}:{port}")
+        request.headers[TOKEN_HEADER] = token
+        request.content = b""
+
+    def prepare_attempt(self, call: Call, flow: http.HTTPFlow, base: _AttemptBase, target: Target, default: Provider) -> http.HTTPFlow:
+        """Return a new flow whose request is ready for `target`, and put the call in that attempt's state."""
+        provider = target.provider or default
+        call.provider = provider
+        call.endpoint = base.endpoint
+        call.model = base.model
+        call.rewrite_stream = base.rewrite_stream
+        call.metadata.clear()
+        call.metadata.update(base.metadata)
+        call.request_json = copy.deepcopy(base.request_json)
+        # A plugin that answered an earlier attempt (no key for its provider) does not answer this one.
+        call.answered_by_gateway = False
+        call.error = None
+
+        attempt = http.HTTPFlow(flow.client_conn, flow.server_conn)
+        attempt.request = base.request.copy()
+        attempt.metadata[CALL_KEY] = call
+        if provider is not base.provider:
+            self._point_at(attempt.request, provider, call.path)
+        if target.override_params and call.request_json is not None:
+            call.request_json.update(target.override_params)
+            model = call.request_json.get("model")
+            call.model = model if isinstance(model, str) else None
+            attempt.request.content = json.dumps(call.request_json, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            self.pm.hook.tollhouse_upstream_request(call=call, flow=attempt)
+        except Exception as e:
+            self._plugin_failed(call, attempt, "tollhouse_upstream_request", e)
+        return attempt
 
     # -- response ------------------------------------------------------------------------------------
 
@@ -304,6 +457,13 @@ class Gateway:
         response = flow.response
         call.status = response.status_code
         response.headers["x-tollhouse-request-id"] = call.request_id
+        job: RelayJob | None = flow.metadata.get(RELAY_KEY)
+        if job is not None:
+            set_fallback_headers(call, job, response)
+        elif call.served_by is not None:
+            response.headers["x-tollhouse-attempts"] = "1"
+            response.headers["x-portkey-last-used-option-index"] = call.served_by
+            response.headers["x-portkey-retry-attempt-count"] = "0"
         set_portkey_headers(call, response)
         if call.answered_by_gateway:
             return
@@ -340,6 +500,11 @@ class Gateway:
 
         if not call.answered_by_gateway:
             self._hooks.tollhouse_response.call_each({"call": call, "flow": flow}, self._on_plugin_error(call, "tollhouse_response"))
+        job: RelayJob | None = flow.metadata.get(RELAY_KEY)
+        if job is not None and job.cut is not None:
+            call.error = job.cut
+            if call.usage is not None:
+                call.usage_complete = False
         self._finish(call)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -383,6 +548,10 @@ class Gateway:
 
     def _finish(self, call: Call) -> None:
         self._active.pop(call.request_id, None)
+        token = self._relay_tokens.pop(call.request_id, None)
+        if token is not None:
+            # The relay never received the call, for example because the client went away first.
+            self.relay.discard(token)
         call.ended = time.monotonic()
         if call.error:
             call.error = self.redactor.mask(call.error)
@@ -482,6 +651,32 @@ class _ObservingHooks:
         self.tollhouse_price = HookImplementations(pm.hook.tollhouse_price)
         self.tollhouse_log_row = HookImplementations(pm.hook.tollhouse_log_row)
         self.tollhouse_call_end = HookImplementations(pm.hook.tollhouse_call_end)
+
+
+class _AttemptBase:
+    """The request and call state after `tollhouse_request`, from which every attempt starts."""
+
+    __slots__ = ("request", "provider", "endpoint", "model", "request_json", "rewrite_stream", "metadata")
+
+    def __init__(self, request, provider, endpoint, model, request_json, rewrite_stream, metadata):
+        self.request = request
+        self.provider = provider
+        self.endpoint = endpoint
+        self.model = model
+        self.request_json = copy.deepcopy(request_json)
+        self.rewrite_stream = rewrite_stream
+        self.metadata = metadata
+
+
+def set_fallback_headers(call: Call, job: RelayJob, response: http.Response) -> None:
+    """Tell the client which target answered and after how many attempts."""
+    run = job.run
+    attempts = sum(1 for attempt in call.attempts or () if attempt.get("sent"))
+    response.headers["x-tollhouse-attempts"] = str(attempts)
+    if call.served_by is not None:
+        response.headers["x-tollhouse-served-by"] = call.served_by
+        response.headers["x-portkey-last-used-option-index"] = call.served_by
+    response.headers["x-portkey-retry-attempt-count"] = str(run.retries_of_last if run is not None else 0)
 
 
 def set_portkey_headers(call: Call, response: http.Response) -> None:

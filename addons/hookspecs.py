@@ -69,13 +69,15 @@ def tollhouse_authenticate(call: Call, flow: http.HTTPFlow) -> Project | None:
 
 @hookspec
 def tollhouse_request(call: Call, flow: http.HTTPFlow) -> None:
-    """Change the request in place before it is sent upstream.
+    """Decide about the client's call, once, before any upstream request: admit, reject or answer it.
 
     Runs once the whole request body has arrived and ``call.model``, ``call.stream`` and
-    ``call.request_json`` are set. Implementations may change ``flow.request`` (headers, body) and set
-    ``call.rewrite_stream``. Setting ``flow.response`` answers the call without contacting upstream;
-    later implementations still run and should check ``flow.response`` first. The built-in key
-    injection runs last, so credential headers added earlier are replaced.
+    ``call.request_json`` are set. ``call.provider`` is the provider of the call's first target. The
+    built-in cache, rate limits and budgets run here. Implementations may change ``flow.request``
+    (headers, body), and every upstream attempt starts from the changed request. Setting
+    ``flow.response`` answers the call without contacting upstream; later implementations still run
+    and should check ``flow.response`` first. Changes that depend on the provider belong in
+    `tollhouse_upstream_request`.
 
     An implementation may return an awaitable (for example by being ``async def``) to wait without
     blocking, for a concurrency slot or for an identical call in flight. The gateway awaits the returned
@@ -84,6 +86,26 @@ def tollhouse_request(call: Call, flow: http.HTTPFlow) -> None:
 
     :param call: the call.
     :param flow: the mitmproxy flow with the complete request.
+    """
+
+
+@hookspec
+def tollhouse_upstream_request(call: Call, flow: http.HTTPFlow) -> None:
+    """Shape the request for the provider in ``call.provider``: format, body members, credentials.
+
+    Runs after `tollhouse_request`, once for every upstream attempt. A call without a routing config
+    has one attempt on ``flow`` itself. A call with fallbacks or retries gets a new flow for each
+    attempt, with a copy of the request as `tollhouse_request` left it. Before each attempt the gateway
+    resets ``call.endpoint``, ``call.model``, ``call.request_json``, ``call.rewrite_stream`` and
+    ``call.metadata`` to their values after `tollhouse_request`, so state set here belongs to one
+    attempt. The call keeps the state of the attempt that answers. The built-in translation runs first
+    and the key injection last, so credential headers added earlier are replaced.
+
+    Setting ``flow.response`` ends this attempt without contacting upstream: the call answers with it,
+    or moves on to its next target when its routing config has one.
+
+    :param call: the call, with ``call.provider`` set to this attempt's provider.
+    :param flow: the flow whose request goes upstream.
     """
 
 

@@ -79,7 +79,12 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("endpoint", "VARCHAR", 'Endpoint name such as "chat.completions" or "messages", or "other" for paths that are not priced.'),
     ("method", "VARCHAR", "HTTP request method."),
     ("path", "VARCHAR", "Request path, query string included."),
-    ("model", "VARCHAR", "Model requested by the client, from the request body."),
+    (
+        "model",
+        "VARCHAR",
+        "Model of the request sent upstream: the client's, or the one set by override_params or by the "
+        "target that answered.",
+    ),
     ("response_model", "VARCHAR", "Model named in the provider's response."),
     ("stream", "BOOLEAN", "True when the client requested a streamed response."),
     ("status", "INTEGER", "HTTP status sent to the client. NULL when no response was sent."),
@@ -127,6 +132,23 @@ COLUMNS: list[tuple[str, str, str]] = [
         "saved_usd",
         "DECIMAL(18,10)",
         "For a cache hit (cost_usd 0), the cost in US dollars of the original answer. NULL otherwise.",
+    ),
+    ("route", "VARCHAR", 'Routing config of the call: a route name, "x-portkey-config" for a header config, or NULL.'),
+    (
+        "served_by",
+        "VARCHAR",
+        'Config target that answered, Portkey style ("config.targets[1]"). NULL for calls without a config.',
+    ),
+    (
+        "attempt_count",
+        "INTEGER",
+        "Upstream requests made for the call: 1 without retries or fallbacks, 0 when none was sent.",
+    ),
+    (
+        "attempts",
+        "JSON",
+        "Attempts of a call with fallbacks or retries, in order: option, provider, model, status, error and "
+        "latency_ms of each, and sent: false where no request went upstream (an open circuit breaker). NULL otherwise.",
     ),
 ]
 
@@ -244,7 +266,17 @@ def row_for(call: Call) -> dict[str, Any]:
         "response_body": call.response_body,
         "cache_status": call.cache_status,
         "saved_usd": call.saved_usd,
+        "route": call.route,
+        "served_by": call.served_by,
+        "attempt_count": _attempt_count(call),
+        "attempts": call.attempts,
     }
+
+
+def _attempt_count(call: Call) -> int:
+    if call.attempts is not None:
+        return sum(1 for attempt in call.attempts if attempt.get("sent"))
+    return 0 if call.answered_by_gateway or call.provider is None else 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ so each request is routed by its path and its Portkey headers:
 - `/v1/messages` and `/v1/messages/count_tokens` go to Anthropic; `/v1/chat/completions`,
   `/v1/responses`, `/v1/embeddings` and `/v1/models` go to OpenAI; Azure paths (`/openai/...`) go to
   Azure. The default provider of a kind is the one named like the kind, else the first of that kind.
-- `x-portkey-config` carries a JSON config (`{"provider": ..., "override_params": {...}}`) or the name
-  of a route from the rules' `routes:` section. Its provider wins over `x-portkey-provider`, which
-  names a provider of the rules (or a kind, meaning that kind's default provider).
+- `x-portkey-config` carries a JSON config in Portkey's shape (`addons.route_rules`) or the name of a
+  route from the rules' `routes:` section. Its first target's provider wins over `x-portkey-provider`,
+  which names a provider of the rules (or a kind, meaning that kind's default provider) and is used
+  for targets that name none.
 
 Every problem raises `RoutingError`, and the gateway sends the client a 400 in its own format.
 """
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from addons.call import endpoint_for
+from addons.route_rules import ConfigError, Target, parse_config
 from addons.rules import Provider, Rules
 
 #: Fixed target of the reverse-mode listener. Every request is routed before mitmproxy could connect,
@@ -48,20 +49,6 @@ _NATIVE_KINDS = {
 # Names Portkey uses for a kind, where they differ from tollhouse's kind names.
 _KIND_ALIASES = {"azure-openai": "azure"}
 
-# Members of a Portkey config object and the JSON type each must have. Only `provider` and
-# `override_params` take effect; the others are accepted so that configs written for Portkey load.
-_CONFIG_TYPES: dict[str, type | tuple[type, ...]] = {
-    "provider": str,
-    "override_params": dict,
-    "strategy": dict,
-    "targets": list,
-    "retry": dict,
-    "cache": dict,
-    "request_timeout": int,
-    "virtual_key": str,
-    "api_key": str,
-}
-
 _AZURE_DEPLOYMENT = re.compile(r"^/openai/deployments/([^/]+)(/.*)$")
 
 
@@ -83,8 +70,12 @@ class Route:
     #: The upstream path, query string included.
     path: str
     endpoint: str
-    #: Request body members that replace the client's values.
-    override_params: dict[str, Any] = field(default_factory=dict)
+    #: The provider for config targets that name none: from `x-portkey-provider` or from the path.
+    default_provider: Provider | None = None
+    #: The routing config from `x-portkey-config`, or None.
+    config: Target | None = None
+    #: The route's name, or "x-portkey-config" for a JSON config in the header.
+    route_name: str | None = None
 
 
 def client_format_for(path: str) -> str:
@@ -128,22 +119,34 @@ def route_request(rules: Rules, path: str, headers) -> Route:
     """Choose the provider and the upstream path of a request received by the base-URL listener."""
     client_format = client_format_for(path)
     native = native_path(path)
-    config_provider, override_params = _read_config(rules, headers.get(CONFIG_HEADER))
+    config, route_name = read_config(rules, headers.get(CONFIG_HEADER))
 
-    if config_provider is not None:
-        provider = _named_provider(rules, config_provider, f"{CONFIG_HEADER} provider")
-    elif headers.get(PROVIDER_HEADER, "").strip():
-        provider = _named_provider(rules, headers[PROVIDER_HEADER].strip(), PROVIDER_HEADER)
+    if headers.get(PROVIDER_HEADER, "").strip():
+        default = _named_provider(rules, headers[PROVIDER_HEADER].strip(), PROVIDER_HEADER)
     else:
-        provider = _default_provider(rules, path, native)
+        default = None
+    first = config.leaves()[0] if config is not None else None
+    if first is not None and first.provider is not None:
+        provider = first.provider
+    else:
+        provider = default or _default_provider(rules, path, native)
 
     return Route(
         provider=provider,
+        default_provider=default or _default_provider_or_none(rules, path, native) or provider,
         client_format=client_format,
         path=upstream_path(provider, path, native),
         endpoint=endpoint_for(client_format, native),
-        override_params=override_params,
+        config=config,
+        route_name=route_name,
     )
+
+
+def _default_provider_or_none(rules: Rules, path: str, native: str) -> Provider | None:
+    try:
+        return _default_provider(rules, path, native)
+    except RoutingError:
+        return None
 
 
 def _default_provider(rules: Rules, path: str, native: str) -> Provider:
@@ -189,10 +192,14 @@ def _named_provider(rules: Rules, name: str, header: str) -> Provider:
     )
 
 
-def _read_config(rules: Rules, value: str | None) -> tuple[str | None, dict[str, Any]]:
-    """Return (provider name or None, override_params) from an `x-portkey-config` header value."""
+def read_config(rules: Rules, value: str | None) -> tuple[Target | None, str | None]:
+    """Return (config, route name) from an `x-portkey-config` header value; (None, None) without one.
+
+    The value is a JSON config object, or the name of a route of the rules. A JSON config gets the route
+    name "x-portkey-config" in the log.
+    """
     if value is None or not value.strip():
-        return None, {}
+        return None, None
     value = value.strip()
     if not value.startswith("{"):
         route = rules.routes.get(value)
@@ -203,7 +210,7 @@ def _read_config(rules: Rules, value: str | None) -> tuple[str | None, dict[str,
                 f"(routes: {names}). Send a JSON object like "
                 '{"provider": "anthropic", "override_params": {"model": "..."}} or a route name.'
             )
-        return route.provider, dict(route.override_params)
+        return route.config, route.name
 
     try:
         config = json.loads(value)
@@ -214,21 +221,10 @@ def _read_config(rules: Rules, value: str | None) -> tuple[str | None, dict[str,
         ) from e
     if not isinstance(config, dict):
         raise RoutingError(f"tollhouse: {CONFIG_HEADER} must be a JSON object.")
-    for key, expected in _CONFIG_TYPES.items():
-        if key in config and not isinstance(config[key], expected):
-            kind = expected.__name__ if isinstance(expected, type) else expected[0].__name__
-            names = {"str": "a string", "dict": "an object", "list": "a list", "int": "a whole number"}
-            raise RoutingError(f"tollhouse: {CONFIG_HEADER}: {key} must be {names[kind]}, got {config[key]!r}.")
-    unknown = sorted(set(config) - set(_CONFIG_TYPES))
-    if unknown:
-        raise RoutingError(
-            f"tollhouse: {CONFIG_HEADER}: unknown member {unknown[0]!r}. Accepted members: {', '.join(_CONFIG_TYPES)}."
-        )
-    for i, target in enumerate(config.get("targets", [])):
-        if not isinstance(target, dict):
-            raise RoutingError(f"tollhouse: {CONFIG_HEADER}: targets[{i}] must be an object, got {target!r}.")
-    # NOTE: strategy and targets (fallback, load balancing) are validated but not acted on yet.
-    return config.get("provider"), dict(config.get("override_params", {}))
+    try:
+        return parse_config(config, rules.providers), CONFIG_HEADER
+    except ConfigError as e:
+        raise RoutingError(f"tollhouse: {CONFIG_HEADER}: {e}.") from e
 
 
 def read_portkey_metadata(value: str | None) -> dict[str, str]:

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from addons.route_rules import ConfigError, FallbackSettings, Route, parse_config, parse_fallbacks, parse_match
+
 if TYPE_CHECKING:
     from addons.policy_rules import BudgetRules, CacheRules, RateLimitRules
 
@@ -104,17 +106,6 @@ class Provider:
 
 
 @dataclass(frozen=True)
-class Route:
-    """A named routing config for the base-URL listener, selected by the `x-portkey-config` header."""
-
-    name: str
-    #: Name of the provider the route sends calls to.
-    provider: str
-    #: Request body members that replace the client's values (for example a fixed `model`).
-    override_params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Project:
     """A client project, identified by its own key."""
 
@@ -192,8 +183,10 @@ class Rules:
     #: Address of the base-URL listener (Portkey-compatible `http://HOST:PORT/v1`).
     base_url_listen_host: str = "0.0.0.0"
     base_url_listen_port: int = 8787
-    #: Named routing configs for the base-URL listener's `x-portkey-config` header.
+    #: Named routing configs, chosen by `x-portkey-config` or by their `match` (`addons.route_rules`).
     routes: dict[str, Route] = field(default_factory=dict)
+    #: Retry backoff and circuit-breaker settings of the `fallbacks:` section.
+    fallbacks: FallbackSettings = field(default_factory=FallbackSettings)
     #: The `cache`, `rate_limits` and `budgets` sections (`addons.policy_rules`); empty ones turn the feature off.
     cache: CacheRules = field(default_factory=lambda: _policy_rules().CacheRules())
     rate_limits: RateLimitRules = field(default_factory=lambda: _policy_rules().RateLimitRules())
@@ -207,6 +200,13 @@ class Rules:
 
     def with_listen(self, host: str, port: int) -> Rules:
         return dataclasses.replace(self, listen_host=host, listen_port=port)
+
+    def route_for(self, provider: str | None, model: str | None, project: str | None) -> Route | None:
+        """Return the first route whose `match` selects the call, in the order of the rules file."""
+        for route in self.routes.values():
+            if route.match is not None and route.match.matches(provider, model, project):
+                return route
+        return None
 
     def provider_for_host(self, host: str) -> Provider | None:
         host = host.lower()
@@ -248,7 +248,7 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         "",
         {"listen", "data_dir", "providers", "projects", "logging", "prices", "plugins", "settings",
          "max_request_bytes", "shutdown_grace", "base_url_listen", "routes", "cache", "rate_limits", "budgets",
-         "tunnels", "admin_listen", "log_format"},
+         "tunnels", "admin_listen", "log_format", "fallbacks"},
     )
 
     listen_host, listen_port = parse_listen(top.get("listen", DEFAULT_LISTEN), "listen")
@@ -273,7 +273,10 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
     if not projects_raw:
         raise RulesError("projects", projects_raw, "is empty", "Declare at least one project with key_env or key_sha256.")
     projects = {name: _project(name, spec) for name, spec in projects_raw.items()}
-    routes = {name: _route(name, spec, providers) for name, spec in _mapping(top.get("routes", {}), "routes").items()}
+    routes = {
+        name: _route(name, spec, providers, projects) for name, spec in _mapping(top.get("routes", {}), "routes").items()
+    }
+    fallbacks = _fallbacks(top.get("fallbacks"))
 
     logging_rules = _logging(top.get("logging", {}), data_dir)
     prices = {str(model): _price(str(model), spec) for model, spec in _mapping(top.get("prices", {}), "prices").items()}
@@ -296,6 +299,7 @@ def parse_rules(raw: Any, base_dir: Path, path: Path | None = None) -> Rules:
         base_url_listen_host=base_url_host,
         base_url_listen_port=base_url_port,
         routes=routes,
+        fallbacks=fallbacks,
         cache=_policy_rules().parse_cache(top.get("cache", {}), projects),
         rate_limits=_policy_rules().parse_rate_limits(top.get("rate_limits", {}), projects, providers),
         budgets=_policy_rules().parse_budgets(top.get("budgets", {}), projects),
@@ -441,16 +445,25 @@ def _provider(name: Any, spec: Any) -> Provider:
     )
 
 
-def _route(name: Any, spec: Any, providers: dict[str, Provider]) -> Route:
+def _route(name: Any, spec: Any, providers: dict[str, Provider], projects: dict[str, Project]) -> Route:
     key = f"routes.{name}"
     _check_name(name, key)
-    spec = _mapping(spec, key)
-    _reject_unknown(spec, key, {"provider", "override_params"})
-    provider = spec.get("provider")
-    if provider not in providers:
-        raise RulesError(f"{key}.provider", provider, "is not a provider of the rules", f"Use one of: {', '.join(providers)}.")
-    override_params = _mapping(spec.get("override_params", {}), f"{key}.override_params")
-    return Route(name=name, provider=provider, override_params=dict(override_params))
+    spec = dict(_mapping(spec, key))
+    match_spec = spec.pop("match", None)
+    try:
+        config = parse_config(spec, providers, key)
+        match = parse_match(match_spec, f"{key}.match", providers, projects) if match_spec is not None else None
+    except ConfigError as e:
+        fix = e.fix or "README.md shows the format of strategy and targets."
+        raise RulesError(e.path, e.value if e.has_value else spec, e.problem, fix) from e
+    return Route(name=name, config=config, match=match)
+
+
+def _fallbacks(spec: Any) -> FallbackSettings:
+    try:
+        return parse_fallbacks(spec)
+    except ConfigError as e:
+        raise RulesError(e.path, spec, e.problem, "README.md lists the settings of the fallbacks section.") from e
 
 
 def _project(name: Any, spec: Any) -> Project:

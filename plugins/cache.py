@@ -281,8 +281,10 @@ def tollhouse_response(call: Call, flow: http.HTTPFlow) -> None:
         return
     if response.status_code != 200 or call.error is not None:
         return
-    if _target(call, flow) != keyed[2]:
-        # Another plugin sent the call to another target, so the response does not belong under this key.
+    if call.route is None and _target(call, flow)[:2] != keyed[2][:2]:
+        # Another plugin sent the call to another provider or origin, so the response does not belong
+        # under this key. (The path may differ: translation changes it after the key was made.) A
+        # routing config's fallback target answers the same request, so its answer is stored.
         return
     if call.stream != _is_event_stream(response):
         return

@@ -1,6 +1,6 @@
 """Replaces the client's project key with the provider's real key from the gateway's environment.
 
-Runs last among `tollhouse_request` implementations, so no other plugin sees the real key in the
+Runs last among `tollhouse_upstream_request` implementations, so no other plugin sees the real key in the
 request, and every credential header the client sent is removed before the call goes upstream.
 """
 
@@ -14,7 +14,7 @@ _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authoriza
 
 
 @hookimpl(trylast=True)
-def tollhouse_request(call, flow) -> None:
+def tollhouse_upstream_request(call, flow) -> None:
     if flow.response is not None or call.provider is None:
         return
     provider = call.provider

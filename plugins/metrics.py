@@ -66,11 +66,13 @@ LIMIT_REJECTIONS = Counter(
     "tollhouse_limit_rejections", "Calls rejected with 429 by a rate limit or a budget, by the setting that rejected them.",
     ("project", "limit"), registry=REGISTRY,
 )
-# NOTE: the gateway has no fallback between providers yet, so this counter stays 0. It is exported
-# now so that dashboards and alerts can refer to it.
 FALLBACKS = Counter(
-    "tollhouse_fallbacks", "Calls retried on a fallback provider (always 0: fallbacks are not implemented).",
-    registry=REGISTRY,
+    "tollhouse_fallbacks",
+    "Calls with a routing config that moved on from a target to another one (fallback).",
+    ("project",), registry=REGISTRY,
+)
+RETRIES = Counter(
+    "tollhouse_retries", "Upstream requests repeated on the same target after a failure.", ("project",), registry=REGISTRY,
 )
 
 
@@ -93,6 +95,15 @@ def tollhouse_call_end(call: Call) -> None:
     limit = call.metadata.get(LIMIT_KEY)
     if limit is not None:
         LIMIT_REJECTIONS.labels(project, limit).inc()
+
+    if call.attempts:
+        options = [attempt["option"] for attempt in call.attempts]
+        moves = sum(1 for before, after in zip(options, options[1:]) if before != after)
+        if moves:
+            FALLBACKS.labels(project).inc(moves)
+        retries = len(options) - 1 - moves
+        if retries:
+            RETRIES.labels(project).inc(retries)
 
     if call.latency_ms is not None:
         LATENCY.labels(provider).observe(call.latency_ms / 1000.0)

@@ -68,7 +68,7 @@ def _rewrite_body(flow: http.HTTPFlow, request_json: dict[str, Any]) -> None:
 
 
 @hookimpl
-def tollhouse_request(call: Call, flow: http.HTTPFlow) -> None:
+def tollhouse_upstream_request(call: Call, flow: http.HTTPFlow) -> None:
     if flow.response is not None:
         return
     if call.provider is None or call.provider.kind not in _USAGE_OPTION_KINDS or call.endpoint != "chat.completions":

@@ -66,7 +66,7 @@ def _reject(call: Call, flow: http.HTTPFlow, message: str) -> None:
 
 
 @hookimpl(tryfirst=True)
-def tollhouse_request(call: Call, flow: http.HTTPFlow) -> None:
+def tollhouse_upstream_request(call: Call, flow: http.HTTPFlow) -> None:
     # tryfirst, so that the other plugins get the request as it goes upstream and
     # `plugins.stream_usage` finds `TRANSLATED_KEY`.
     if flow.response is not None or not _needs_translation(call):

@@ -135,7 +135,7 @@ def test_check_reports_every_section(tmp_path):
 
     assert output_lines(result) == [
         "rules.yaml: lisen: is not a known setting (got '0.0.0.0:8080'). Did you mean listen? Allowed here: "
-        "admin_listen, base_url_listen, budgets, cache, data_dir, listen, log_format, logging, max_request_bytes, "
+        "admin_listen, base_url_listen, budgets, cache, data_dir, fallbacks, listen, log_format, logging, max_request_bytes, "
         "plugins, prices, projects, providers, rate_limits, routes, settings, shutdown_grace, tunnels.",
         "rules.yaml: listen: is not HOST:PORT (got '0.0.0.0:80800'). Write it like 0.0.0.0:8080 "
         "(port 0 picks a free port).",

@@ -467,7 +467,7 @@ def test_inject_include_usage_keeps_client_bytes(pm: pluggy.PluginManager) -> No
     call = make_call("openai", "/v1/chat/completions", stream=True, body=json.loads(raw))
     flow = request_flow(raw)
 
-    pm.hook.tollhouse_request(call=call, flow=flow)
+    pm.hook.tollhouse_upstream_request(call=call, flow=flow)
 
     assert flow.request.content == b'{"stream_options":{"include_usage":true},' + raw[1:]
     assert json.loads(flow.request.content)["stream_options"] == {"include_usage": True}
@@ -481,7 +481,7 @@ def test_inject_keeps_other_stream_options(pm: pluggy.PluginManager) -> None:
     call = make_call("openai", "/v1/chat/completions", stream=True, body=body)
     flow = request_flow(json.dumps(body).encode())
 
-    pm.hook.tollhouse_request(call=call, flow=flow)
+    pm.hook.tollhouse_upstream_request(call=call, flow=flow)
 
     sent = json.loads(flow.request.content)
     assert sent == {"model": "gpt-4o", "stream": True,
@@ -494,7 +494,7 @@ def test_inject_replaces_null_stream_options(pm: pluggy.PluginManager) -> None:
     call = make_call("openai", "/v1/chat/completions", stream=True, body=body)
     flow = request_flow(json.dumps(body).encode())
 
-    pm.hook.tollhouse_request(call=call, flow=flow)
+    pm.hook.tollhouse_upstream_request(call=call, flow=flow)
 
     assert json.loads(flow.request.content)["stream_options"] == {"include_usage": True}
 
@@ -514,7 +514,7 @@ def test_inject_skipped(pm: pluggy.PluginManager, kind: str, path: str, stream: 
     call = make_call(kind, path, stream=stream, body=body)
     flow = request_flow(raw)
 
-    pm.hook.tollhouse_request(call=call, flow=flow)
+    pm.hook.tollhouse_upstream_request(call=call, flow=flow)
 
     assert flow.request.content == raw
     assert call.rewrite_stream is False
@@ -528,7 +528,7 @@ def test_inject_skipped_when_answered(pm: pluggy.PluginManager) -> None:
     flow = request_flow(raw)
     flow.response = http.Response.make(200, b"{}")
 
-    pm.hook.tollhouse_request(call=call, flow=flow)
+    pm.hook.tollhouse_upstream_request(call=call, flow=flow)
 
     assert flow.request.content == raw
     assert call.rewrite_stream is False
@@ -538,7 +538,7 @@ def test_injected_stream_matches_plain_stream(pm: pluggy.PluginManager) -> None:
     fixture = load_fixture("openai-chat-stream-usage")
     body = fixture["response"]["body"].encode()
     call = make_call("openai", "/v1/chat/completions", stream=True, body={"model": "gpt-4o-mini", "stream": True})
-    pm.hook.tollhouse_request(call=call, flow=request_flow(b'{"model":"gpt-4o-mini","stream":true}'))
+    pm.hook.tollhouse_upstream_request(call=call, flow=request_flow(b'{"model":"gpt-4o-mini","stream":true}'))
 
     forwarded = run_stream(pm, call, body)
 

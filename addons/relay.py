@@ -1,0 +1,470 @@
+"""The loopback relay that lets a routed call fall back without losing its stream.
+
+mitmproxy has no retries, cannot set an answer once its connection to upstream failed, and sends an
+answer made by an addon in one piece. So a call with a routing config that needs more than one upstream
+request (fallbacks, load balancing, retries, a first-byte timeout) is pointed at this relay instead:
+
+1. The gateway registers a `RelayJob` under a random token and rewrites the flow to
+   `http://127.0.0.1:<relay port>/...` with the token in `x-tollhouse-relay` and no body.
+2. The relay receives that request from mitmproxy, walks the routing config (`addons.fallback`) and
+   sends each attempt upstream with httpx, whose pool keeps upstream connections alive across client
+   connections.
+3. An attempt counts as answered only once the relay has seen its status and, for a stream, its first
+   content event. Nothing is forwarded before that, so a failed attempt costs latency only.
+4. The winner's answer goes back to mitmproxy in the provider's own format, event by event, and the
+   gateway's usual hooks price, translate and log it as for a direct call.
+
+A stream that breaks after its first event was forwarded cannot move to another target. The relay then
+ends it with an error event in the provider's format, which the translation plugin converts for the
+client, and the row records the cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httpx
+from mitmproxy import http
+
+from addons.errors import error_response
+from addons.fallback import (
+    CONNECT_ERROR,
+    EARLY_ERROR,
+    HTTP_ERROR,
+    OK,
+    REJECTED,
+    SKIPPED,
+    TIMEOUT,
+    FallbackRun,
+    Outcome,
+)
+from addons.sse import SSEEvent, SSEReader
+
+if TYPE_CHECKING:
+    from addons.breaker import CircuitBreakers
+    from addons.call import Call
+    from addons.route_rules import FallbackSettings, Target
+    from addons.rules import Provider
+
+logger = logging.getLogger(__name__)
+
+#: Request header with the token of a registered job.
+TOKEN_HEADER = "x-tollhouse-relay"
+
+# Headers that describe one connection or one framing and are never passed on.
+_HOP_HEADERS = {
+    "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "host",
+}
+# Response headers dropped on the way back: httpx decodes the body, so its coding and length change.
+_DROPPED_RESPONSE_HEADERS = _HOP_HEADERS | {"content-encoding"}
+# Bytes of a stream held back while waiting for its first content event; a stream that has sent this
+# much without content or error is forwarded as it is.
+_MAX_PEEK_BYTES = 256 * 1024
+# Seconds an upstream read may stall once the answer has started (mitmproxy itself waits without a limit).
+_IDLE_READ_TIMEOUT = 600.0
+# Largest request head that the relay reads from mitmproxy.
+_MAX_HEAD_BYTES = 64 * 1024
+# Stream events that come before any content and do not decide an attempt.
+_PRELUDE_EVENTS = {"message_start", "ping", "response.created", "response.in_progress"}
+
+
+@dataclass
+class StreamAnswer:
+    """A stream that passed its first content event; `events` are held back and not yet forwarded."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    events: list[bytes]
+    reader: SSEReader
+    chunks: AsyncIterator[bytes]
+    response: httpx.Response
+    api_format: str
+
+
+@dataclass
+class WholeAnswer:
+    """A complete answer body: a JSON answer, an error, or a stream that ended early with an error event."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class RelayJob:
+    """A call waiting for the relay, with what the relay needs to try its targets."""
+
+    call: Call
+    config: Target
+    default_provider: Provider
+    #: Prepare the request for one target (`Gateway.prepare_attempt`); returns the attempt's flow.
+    prepare: Callable[[Target], http.HTTPFlow]
+    #: The flow of the last prepared attempt; the gateway puts its request back on the client's flow.
+    served_flow: http.HTTPFlow | None = None
+    run: FallbackRun | None = None
+    #: Why a forwarded stream ended early, or None.
+    cut: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Relay:
+    """The relay server on a loopback port, and the httpx client for upstream requests."""
+
+    def __init__(self, settings: FallbackSettings, breakers: CircuitBreakers):
+        self.settings = settings
+        self.breakers = breakers
+        self._jobs: dict[str, RelayJob] = {}
+        self._server: asyncio.Server | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._connections: set[asyncio.Task] = set()
+        self.port = 0
+
+    @property
+    def started(self) -> bool:
+        return self._server is not None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        self._client = httpx.AsyncClient(
+            # The relay connects to configured base URLs only; a proxy from the environment must not
+            # catch these requests.
+            trust_env=False,
+            follow_redirects=False,
+            timeout=httpx.Timeout(connect=self.settings.connect_timeout, read=_IDLE_READ_TIMEOUT, write=60.0, pool=60.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200, keepalive_expiry=60.0),
+        )
+        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0, limit=_MAX_HEAD_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("relay for routed calls listening on 127.0.0.1:%d", self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            self._server = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def configure(self, settings: FallbackSettings) -> None:
+        """Use reloaded settings for calls that start from now on (the connect timeout stays)."""
+        self.settings = settings
+
+    def register(self, job: RelayJob) -> str:
+        token = secrets.token_urlsafe(24)
+        self._jobs[token] = job
+        return token
+
+    def discard(self, token: str) -> None:
+        self._jobs.pop(token, None)
+
+    # -- the loopback server ------------------------------------------------------------------------
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                headers = _parse_head(head)
+                length = headers.get("content-length", "0")
+                if length.isdigit() and int(length) > 0:
+                    await reader.readexactly(int(length))
+                job = self._jobs.pop(headers.get(TOKEN_HEADER, ""), None)
+                if job is None:
+                    body = b"tollhouse relay: unknown or expired token\n"
+                    writer.write(_head(404, "Not Found", [("content-type", "text/plain")], len(body)) + body)
+                    await writer.drain()
+                    break
+                await self._respond(job, writer)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+
+    async def _respond(self, job: RelayJob, writer: asyncio.StreamWriter) -> None:
+        call = job.call
+        run = FallbackRun(
+            call,
+            job.config,
+            job.default_provider,
+            self.settings,
+            self.breakers,
+            lambda target, retry: self._attempt(job, target),
+        )
+        job.run = run
+        try:
+            outcome = await run.run()
+        finally:
+            call.attempts = [attempt.as_dict() for attempt in run.attempts]
+            job.done.set()
+        if outcome.target is not None:
+            call.served_by = outcome.target.option
+        payload = outcome.payload
+        if isinstance(payload, StreamAnswer):
+            await self._forward_stream(job, payload, writer)
+            return
+        if isinstance(payload, WholeAnswer):
+            writer.write(_head(payload.status, payload.reason, payload.headers, len(payload.body)) + payload.body)
+            await writer.drain()
+            return
+        # No upstream answer to forward: the gateway answers in the client's format.
+        response = payload if isinstance(payload, http.Response) else self._gateway_error(call, outcome)
+        call.answered_by_gateway = True
+        if call.error is None or outcome.kind != REJECTED:
+            call.error = outcome.error
+        headers = [(k, v) for k, v in response.headers.items(multi=True) if k.lower() not in _HOP_HEADERS]
+        body = response.content or b""
+        writer.write(_head(response.status_code, response.reason or "", headers, len(body)) + body)
+        await writer.drain()
+
+    @staticmethod
+    def _gateway_error(call: Call, outcome: Outcome) -> http.Response:
+        if outcome.kind == TIMEOUT:
+            status = 504
+        elif outcome.kind == SKIPPED:
+            status = 503
+        else:
+            status = 502
+        message = f"tollhouse: no target could answer; the last attempt failed: {outcome.error}"
+        response = error_response(call.client_format or "openai", status, message, request_id=call.request_id)
+        if outcome.kind == SKIPPED and outcome.retry_after:
+            response.headers["retry-after"] = str(max(1, round(outcome.retry_after)))
+        return response
+
+    # -- attempts -----------------------------------------------------------------------------------
+
+    async def _attempt(self, job: RelayJob, target: Target) -> Outcome:
+        flow = job.prepare(target)
+        job.served_flow = flow
+        if flow.response is not None:
+            # A plugin answered this attempt itself, for example because the gateway has no key for the
+            # target's provider or cannot translate the request to its format.
+            status = flow.response.status_code
+            return Outcome(REJECTED, status=status, error=job.call.error or f"rejected with {status}", payload=flow.response)
+        provider = job.call.provider
+        return await self._send(flow.request, target.request_timeout, provider.api_format)
+
+    async def _send(self, request: http.Request, timeout: float | None, api_format: str) -> Outcome:
+        assert self._client is not None
+        host = f"[{request.host}]" if ":" in request.host else request.host
+        url = f"{request.scheme}://{host}:{request.port}{request.path}"
+        headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _HOP_HEADERS]
+        upstream = self._client.build_request(request.method, url, headers=headers, content=request.raw_content or b"")
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._client.send(upstream, stream=True)
+                headers_out = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _DROPPED_RESPONSE_HEADERS]
+                reason = response.reason_phrase or ""
+                is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+                if response.status_code >= 400 or not is_stream:
+                    body = await response.aread()
+                    await response.aclose()
+                    answer = WholeAnswer(response.status_code, reason, headers_out, body)
+                    if response.status_code >= 400:
+                        return Outcome(
+                            HTTP_ERROR,
+                            status=response.status_code,
+                            error=_error_message(body),
+                            retry_after=_retry_after(response.headers),
+                            payload=answer,
+                        )
+                    return Outcome(OK, status=response.status_code, payload=answer)
+                chunks = response.aiter_bytes()
+                first = await anext(chunks, b"")
+            return await self._peek_stream(response, reason, headers_out, chunks, first, api_format)
+        except TimeoutError:
+            await _close(response)
+            return Outcome(TIMEOUT, error=f"no first byte from {url} within {timeout:g} s (request_timeout)")
+        except httpx.TimeoutException as e:
+            await _close(response)
+            return Outcome(TIMEOUT, error=f"timed out talking to {url}: {type(e).__name__}")
+        except httpx.TransportError as e:
+            await _close(response)
+            return Outcome(CONNECT_ERROR, error=f"{type(e).__name__} for {url}: {e or 'connection failed'}")
+
+    async def _peek_stream(
+        self,
+        response: httpx.Response,
+        reason: str,
+        headers: list[tuple[str, str]],
+        chunks: AsyncIterator[bytes],
+        first: bytes,
+        api_format: str,
+    ) -> Outcome:
+        """Hold a stream back until its first content event or an error event, and decide the attempt."""
+        reader = SSEReader()
+        held: list[bytes] = []
+        held_bytes = 0
+        chunk = first
+        try:
+            while True:
+                for event in reader.feed(chunk) if chunk else reader.close():
+                    held.append(event.raw)
+                    held_bytes += len(event.raw)
+                    verdict = _classify(event)
+                    if verdict == "error":
+                        await response.aclose()
+                        answer = WholeAnswer(response.status_code, reason, headers, b"".join(held))
+                        return Outcome(EARLY_ERROR, status=response.status_code, error=_event_error(event), payload=answer)
+                    if verdict == "content":
+                        return Outcome(
+                            OK, status=response.status_code,
+                            payload=StreamAnswer(response.status_code, reason, headers, held, reader, chunks, response, api_format),
+                        )
+                if not chunk or held_bytes > _MAX_PEEK_BYTES:
+                    # The stream ended, or sent a lot without content: forward what there is.
+                    return Outcome(
+                        OK, status=response.status_code,
+                        payload=StreamAnswer(response.status_code, reason, headers, held, reader, chunks, response, api_format),
+                    )
+                chunk = await anext(chunks, b"")
+        except httpx.TransportError as e:
+            await _close(response)
+            return Outcome(CONNECT_ERROR, error=f"stream broke before its first content: {type(e).__name__}: {e}")
+
+    async def _forward_stream(self, job: RelayJob, answer: StreamAnswer, writer: asyncio.StreamWriter) -> None:
+        """Send the stream to mitmproxy event by event, and close it with an error event if upstream breaks."""
+        headers = list(answer.headers) + [("transfer-encoding", "chunked")]
+        writer.write(_status_line(answer.status, answer.reason, headers))
+        try:
+            for raw in answer.events:
+                writer.write(_chunk(raw))
+            await writer.drain()
+            try:
+                async for piece in answer.chunks:
+                    events = answer.reader.feed(piece)
+                    if events:
+                        writer.write(_chunk(b"".join(event.raw for event in events)))
+                        await writer.drain()
+                rest = answer.reader.close()
+                if rest:
+                    writer.write(_chunk(b"".join(event.raw for event in rest)))
+            except httpx.TransportError as e:
+                job.cut = f"upstream stream broke after content was sent: {type(e).__name__}: {e or 'connection closed'}"
+                logger.warning("call %s: %s", job.call.request_id, job.cut)
+                writer.write(_chunk(_stream_error_event(answer.api_format, job.call.endpoint)))
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            await answer.response.aclose()
+
+
+def _classify(event: SSEEvent) -> str:
+    """Return "wait", "content" or "error" for an event seen before any content was forwarded."""
+    if not event.data:
+        return "wait"
+    if event.event in ("error", "response.failed") or event.data.startswith('{"error"'):
+        return "error"
+    if event.event in _PRELUDE_EVENTS:
+        return "wait"
+    return "content"
+
+
+def _event_error(event: SSEEvent) -> str:
+    payload = event.json
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return f"error event before any content: {error.get('type') or error.get('code')}: {error.get('message')}"
+    return "error event before any content"
+
+
+def _stream_error_event(api_format: str, endpoint: str) -> bytes:
+    """Return an error event in the provider's stream format, for a stream that upstream broke off."""
+    message = "The upstream stream ended before the response was complete."
+    if api_format == "anthropic":
+        data = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
+    if endpoint == "responses":
+        data = {"type": "error", "code": "server_error", "message": message, "param": None}
+        return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
+    data = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]["message"]
+        if isinstance(message, str):
+            return message[:300]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return body[:300].decode("utf-8", errors="replace")
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Return the wait that upstream asked for, in seconds: `retry-after-ms`, else `Retry-After`."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        with suppress(ValueError):
+            return max(0.0, float(milliseconds) / 1000.0)
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    with suppress(ValueError):
+        return max(0.0, float(value))
+    with suppress(TypeError, ValueError):
+        moment = email.utils.parsedate_to_datetime(value)
+        return max(0.0, moment.timestamp() - time.time())
+    return None
+
+
+async def _close(response: httpx.Response | None) -> None:
+    if response is not None:
+        with suppress(Exception):
+            await response.aclose()
+
+
+def _parse_head(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def _status_line(status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason or 'Status'}"] + [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
+
+
+def _head(status: int, reason: str, headers: list[tuple[str, str]], length: int) -> bytes:
+    return _status_line(status, reason, [*headers, ("content-length", str(length))])
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+

@@ -1,0 +1,507 @@
+"""Fallbacks, retries, timeouts, load balancing and circuit breakers, end to end.
+
+Every test calls a real gateway process through the official SDKs, in forward-proxy mode
+(HTTPS_PROXY) or base-URL mode, against the fake upstream. Faults are steered per target with
+`x-fault: ..., model:NAME`, which the gateway forwards to every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from decimal import Decimal
+
+import anthropic
+import genai_prices
+import openai
+import pytest
+
+from mitmproxy.certs import CertStore
+
+from addons.testing.gateway_process import start_gateway
+from conftest import ALPHA_KEY, GATEWAY_ENV, anthropic_client, openai_client, rules_text, use_gateway
+
+CLAUDE = "claude-sonnet-4-20250514"
+GPT = "gpt-4o"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def closed_port() -> int:
+    """Return a loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class UntrustedTLSServer:
+    """A loopback TLS server whose self-signed certificate no client trusts; it closes every connection."""
+
+    def __init__(self, workdir):
+        CertStore.from_store(str(workdir), "untrusted", 2048)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(workdir / "untrusted-ca.pem"))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.handshakes = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            connection.settimeout(5)
+            self.handshakes += 1
+            try:
+                self.context.wrap_socket(connection, server_side=True).close()
+            except (OSError, ssl.SSLError):
+                connection.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    server = UntrustedTLSServer(tmp_path_factory.mktemp("untrusted-tls"))
+    yield server
+    server.close()
+
+
+def fallback_rules(fake_port: int, tls_port: int) -> str:
+    dead = closed_port()
+    extra_providers = f"""\
+  dead:
+    kind: openai-compatible
+    base_url: http://127.0.0.1:{dead}
+    key_env: OPENAI_API_KEY
+    price_provider: openai
+  tls-mismatch:
+    kind: anthropic
+    base_url: https://127.0.0.1:{tls_port}
+    key_env: ANTHROPIC_API_KEY
+    hosts: [tls-mismatch.invalid]
+"""
+    routes = f"""
+fallbacks:
+  backoff_initial: 0.01
+  backoff_max: 0.05
+  retry_after_max: 1.5
+  breaker_failures: 1000
+routes:
+  claude-to-gpt:
+    match: {{provider: anthropic, model: {CLAUDE}}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: anthropic, model: {CLAUDE}}}
+      - {{provider: openai, model: {GPT}}}
+  mini-to-haiku:
+    match: {{provider: openai, model: gpt-4o-mini}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: openai, model: gpt-4o-mini}}
+      - {{provider: anthropic, model: claude-haiku-4-5}}
+  same-provider:
+    match: {{provider: openai, model: gpt-4.1-mini}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: openai, model: gpt-4.1-mini}}
+      - {{provider: openai, model: gpt-4.1}}
+  dead-first:
+    match: {{provider: openai, model: gpt-4.1-nano}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: dead, model: gpt-4.1-nano}}
+      - {{provider: openai, model: gpt-4.1-nano}}
+  tls-first:
+    match: {{provider: anthropic, model: claude-haiku-4-5}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: tls-mismatch, model: claude-haiku-4-5}}
+      - {{provider: anthropic, model: claude-haiku-4-5}}
+  slow-first:
+    match: {{provider: openai, model: gpt-4o-2024-08-06}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: openai, model: gpt-4o-2024-08-06, request_timeout: 300}}
+      - {{provider: openai, model: gpt-4o}}
+  retry-then-fallback:
+    match: {{provider: openai, model: gpt-4o-2024-11-20}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: openai, model: gpt-4o-2024-11-20, retry: {{attempts: 2}}}}
+      - {{provider: openai, model: gpt-4o}}
+  listed-404:
+    match: {{provider: openai, model: gpt-4-turbo}}
+    strategy: {{mode: fallback, on_status_codes: [404, 503]}}
+    targets:
+      - {{provider: openai, model: gpt-4-turbo}}
+      - {{provider: openai, model: gpt-4o}}
+  seed-example:
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: anthropic, override_params: {{model: {CLAUDE}}}}}
+      - {{provider: openai, override_params: {{model: {GPT}}}}}
+"""
+    text = rules_text(fake_port, routes=routes)
+    return text.replace("providers:\n", "providers:\n" + extra_providers, 1)
+
+
+@pytest.fixture(scope="module")
+def fgw(fake, tls_server, tmp_path_factory):
+    process = start_gateway(tmp_path_factory.mktemp("fallbacks"), fallback_rules(fake.port, tls_server.port), GATEWAY_ENV)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def via_proxy(fgw, monkeypatch):
+    return use_gateway(fgw, monkeypatch)
+
+
+
+# gpt-4o at $2.50 input and $10.00 output per million tokens (genai-prices 0.2.3); claude-sonnet-4 at
+# $3.00 and $15.00; claude-haiku-4-5 at $1.00 and $5.00.
+def cost(model: str, input_tokens: int, output_tokens: int) -> Decimal:
+    rates = {
+        GPT: (Decimal("2.50"), Decimal("10.00")),
+        "gpt-4.1": (Decimal("2.00"), Decimal("8.00")),
+        "gpt-4.1-nano": (Decimal("0.10"), Decimal("0.40")),
+        CLAUDE: (Decimal("3.00"), Decimal("15.00")),
+        "claude-haiku-4-5": (Decimal("1.00"), Decimal("5.00")),
+    }
+    rate_in, rate_out = rates[model]
+    return (rate_in * input_tokens + rate_out * output_tokens) / Decimal(1_000_000)
+
+
+def attempts_of(row: dict) -> list[tuple]:
+    return [(a["option"], a["provider"], a["model"], a["status"], a["sent"]) for a in json.loads(row["attempts"])]
+
+
+def fault(value: str) -> dict[str, str]:
+    return {"x-fault": value}
+
+
+# -- forward proxy, Anthropic SDK, fallback to OpenAI --------------------------------------------
+
+
+def test_529_falls_back_cross_provider(via_proxy):
+    raw = anthropic_client().messages.with_raw_response.create(
+        model=CLAUDE, max_tokens=50, messages=MESSAGES,
+        extra_headers={**fault(f"status:529, model:{CLAUDE}"), "x-fake-text": "from%20gpt"},
+    )
+    message = raw.parse()
+
+    assert message.type == "message"
+    assert message.content[0].text == "from gpt"
+    assert raw.headers["x-tollhouse-attempts"] == "2"
+    assert raw.headers["x-tollhouse-served-by"] == "config.targets[1]"
+    assert raw.headers["x-portkey-last-used-option-index"] == "config.targets[1]"
+    assert raw.headers["x-portkey-retry-attempt-count"] == "0"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    assert attempts_of(row) == [
+        ("config.targets[0]", "anthropic", CLAUDE, 529, True),
+        ("config.targets[1]", "openai", GPT, 200, True),
+    ]
+    assert row["route"] == "claude-to-gpt"
+    assert row["served_by"] == "config.targets[1]"
+    assert row["attempt_count"] == 2
+    assert (row["provider"], row["model"], row["status"], row["error"]) == ("openai", GPT, 200, None)
+    assert (row["input_tokens"], row["output_tokens"]) == (message.usage.input_tokens, message.usage.output_tokens)
+    assert row["cost_usd"] == cost(GPT, row["input_tokens"], row["output_tokens"])
+    assert row["price_flag"] == "priced"
+
+
+def test_529_stream_falls_back_cross_provider(via_proxy):
+    client = anthropic_client()
+    with client.messages.stream(
+        model=CLAUDE, max_tokens=50, messages=MESSAGES,
+        extra_headers={**fault(f"status:529, model:{CLAUDE}"), "x-fake-text": "streamed%20by%20gpt"},
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-tollhouse-request-id"]
+        attempts = stream.response.headers["x-tollhouse-attempts"]
+
+    assert text == "streamed by gpt"
+    assert final.stop_reason == "end_turn"
+    assert attempts == "2"
+    row = via_proxy.wait_row(request_id)
+    assert attempts_of(row)[1] == ("config.targets[1]", "openai", GPT, 200, True)
+    assert row["stream"] is True
+    assert (row["input_tokens"], row["output_tokens"]) == (final.usage.input_tokens, final.usage.output_tokens)
+    assert row["cost_usd"] == cost(GPT, row["input_tokens"], row["output_tokens"])
+    assert row["error"] is None
+
+
+def test_overloaded_event_before_content_falls_back(via_proxy):
+    client = anthropic_client()
+    with client.messages.stream(
+        model=CLAUDE, max_tokens=50, messages=MESSAGES,
+        extra_headers={**fault(f"early-error, model:{CLAUDE}"), "x-fake-text": "rescued"},
+    ) as stream:
+        text = "".join(stream.text_stream)
+        request_id = stream.response.headers["x-tollhouse-request-id"]
+
+    assert text == "rescued"
+    row = via_proxy.wait_row(request_id)
+    attempts = json.loads(row["attempts"])
+    assert [a["status"] for a in attempts] == [200, 200]
+    assert attempts[0]["error"] == "error event before any content: overloaded_error: Overloaded"
+    assert row["served_by"] == "config.targets[1]"
+    assert row["error"] is None
+    assert row["cost_usd"] == cost(GPT, row["input_tokens"], row["output_tokens"])
+
+
+def test_error_after_content_is_not_retried(via_proxy):
+    client = anthropic_client()
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        with client.messages.stream(
+            model=CLAUDE, max_tokens=50, messages=MESSAGES,
+            extra_headers={**fault(f"midstream-error, model:{CLAUDE}"), "x-fake-text": "one%20two%20three%20four"},
+        ) as stream:
+            for _ in stream.text_stream:
+                pass
+    assert "Overloaded" in str(raised.value)
+    row = via_proxy.wait_row(raised.value.response.headers["x-tollhouse-request-id"])
+    assert row["error"] == "upstream error event in the stream: overloaded_error: Overloaded"
+    assert attempts_of(row) == [("config.targets[0]", "anthropic", CLAUDE, 200, True)]
+    assert row["served_by"] == "config.targets[0]"
+
+
+def test_cut_stream_ends_with_error_event(via_proxy):
+    client = anthropic_client()
+    received = []
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        with client.messages.stream(
+            model=CLAUDE, max_tokens=50, messages=MESSAGES,
+            extra_headers={**fault(f"cut, model:{CLAUDE}"), "x-fake-text": "word%20" * 40},
+        ) as stream:
+            for piece in stream.text_stream:
+                received.append(piece)
+    assert received, "content arrived before the cut"
+    assert "ended before the response was complete" in str(raised.value)
+    row = via_proxy.wait_row(raised.value.response.headers["x-tollhouse-request-id"])
+    assert row["error"].startswith("upstream stream broke after content was sent: ")
+    assert row["attempt_count"] == 1
+    assert row["served_by"] == "config.targets[0]"
+    assert row["price_flag"] == "partial"
+
+
+# -- forward proxy, OpenAI SDK --------------------------------------------------------------------
+
+
+def test_openai_503_falls_back_to_anthropic(via_proxy):
+    raw = openai_client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES,
+        extra_headers={**fault("status:503, model:gpt-4o-mini"), "x-fake-text": "haiku%20here"},
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == "haiku here"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    assert attempts_of(row) == [
+        ("config.targets[0]", "openai", "gpt-4o-mini", 503, True),
+        ("config.targets[1]", "anthropic", "claude-haiku-4-5", 200, True),
+    ]
+    assert row["cost_usd"] == cost("claude-haiku-4-5", row["input_tokens"], row["output_tokens"])
+
+
+def test_openai_stream_500_same_provider(via_proxy):
+    stream = openai_client().chat.completions.create(
+        model="gpt-4.1-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        extra_headers={**fault("status:500, model:gpt-4.1-mini"), "x-fake-text": "second%20model"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "second model"
+    usage = chunks[-1].usage
+    row = via_proxy.wait_row(stream.response.headers["x-tollhouse-request-id"])
+    rows = [row]
+    assert attempts_of(rows[0]) == [
+        ("config.targets[0]", "openai", "gpt-4.1-mini", 500, True),
+        ("config.targets[1]", "openai", "gpt-4.1", 200, True),
+    ]
+    assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    assert rows[0]["cost_usd"] == cost("gpt-4.1", usage.prompt_tokens, usage.completion_tokens)
+
+
+def test_connection_refused_falls_back(via_proxy):
+    raw = openai_client().chat.completions.with_raw_response.create(model="gpt-4.1-nano", messages=MESSAGES)
+    assert raw.parse().choices[0].message.role == "assistant"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert (attempts[0]["provider"], attempts[0]["status"]) == ("dead", None)
+    assert attempts[0]["error"].startswith("ConnectError")
+    assert (attempts[1]["provider"], attempts[1]["status"]) == ("openai", 200)
+    assert row["cost_usd"] == cost("gpt-4.1-nano", row["input_tokens"], row["output_tokens"])
+
+
+def test_tls_failure_falls_back(via_proxy):
+    raw = anthropic_client().messages.with_raw_response.create(model="claude-haiku-4-5", max_tokens=20, messages=MESSAGES)
+    assert raw.parse().type == "message"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert (attempts[0]["provider"], attempts[0]["status"]) == ("tls-mismatch", None)
+    assert "CERTIFICATE_VERIFY_FAILED" in attempts[0]["error"]
+    assert (attempts[1]["provider"], attempts[1]["status"]) == ("anthropic", 200)
+
+
+def test_first_byte_timeout_falls_back(via_proxy):
+    raw = openai_client().chat.completions.with_raw_response.create(
+        model="gpt-4o-2024-08-06", messages=MESSAGES, extra_headers=fault("slow:3, model:gpt-4o-2024-08-06"),
+    )
+    assert raw.parse().model.startswith("gpt-4o")
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert attempts[0]["error"].startswith("no first byte from http://127.0.0.1:")
+    assert attempts[0]["error"].endswith(" within 0.3 s (request_timeout)")
+    assert attempts[0]["status"] is None
+    assert (attempts[1]["model"], attempts[1]["status"]) == (GPT, 200)
+
+
+def test_retries_then_succeeds(via_proxy):
+    raw = openai_client().chat.completions.with_raw_response.create(
+        model="gpt-4o-2024-11-20", messages=MESSAGES,
+        extra_headers=fault("status:429, retry-after:0.2, times:2, model:gpt-4o-2024-11-20"),
+    )
+    assert raw.parse().choices[0].message.role == "assistant"
+    assert raw.headers["x-tollhouse-attempts"] == "3"
+    assert raw.headers["x-portkey-retry-attempt-count"] == "2"
+    assert raw.headers["x-portkey-last-used-option-index"] == "config.targets[0]"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    assert [a["status"] for a in json.loads(row["attempts"])] == [429, 429, 200]
+    assert {a["option"] for a in json.loads(row["attempts"])} == {"config.targets[0]"}
+    # The waits honour Retry-After: the backoff alone (at most 0.05 s here) is shorter.
+    waits = [line for line in via_proxy.stderr().splitlines() if row["request_id"] in line and "retrying" in line]
+    assert len(waits) == 2
+    assert all(" in 0.20 s " in line for line in waits)
+
+
+def test_retry_after_over_cap_falls_back(via_proxy):
+    raw = openai_client().chat.completions.with_raw_response.create(
+        model="gpt-4o-2024-11-20", messages=MESSAGES,
+        extra_headers=fault("status:429, retry-after:5, model:gpt-4o-2024-11-20"),
+    )
+    assert raw.parse().choices[0].message.role == "assistant"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    assert [(a["option"], a["status"]) for a in json.loads(row["attempts"])] == [
+        ("config.targets[0]", 429),
+        ("config.targets[1]", 200),
+    ]
+    assert any(row["request_id"] in line and "exceeds fallbacks.retry_after_max" in line for line in via_proxy.stderr().splitlines())
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+def test_client_errors_do_not_fall_back(via_proxy, status):
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        anthropic_client().messages.create(
+            model=CLAUDE, max_tokens=20, messages=MESSAGES, extra_headers=fault(f"status:{status}, model:{CLAUDE}"),
+        )
+    assert raised.value.status_code == status
+    body = raised.value.response.json()
+    assert body["type"] == "error"
+    assert raised.value.response.headers["x-tollhouse-attempts"] == "1"
+    row = via_proxy.wait_row(raised.value.response.headers["x-tollhouse-request-id"])
+    assert attempts_of(row) == [("config.targets[0]", "anthropic", CLAUDE, status, True)]
+    assert row["cost_usd"] == Decimal(0)
+
+
+def test_listed_status_falls_back(via_proxy):
+    raw = openai_client().chat.completions.with_raw_response.create(
+        model="gpt-4-turbo", messages=MESSAGES, extra_headers=fault("status:404, model:gpt-4-turbo"),
+    )
+    assert raw.parse().choices[0].message.role == "assistant"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    assert [a["status"] for a in json.loads(row["attempts"])] == [404, 200]
+
+
+def test_every_target_fails(via_proxy):
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        anthropic_client().messages.create(model=CLAUDE, max_tokens=20, messages=MESSAGES, extra_headers=fault("status:503"))
+    assert raised.value.status_code == 503
+    body = raised.value.response.json()
+    assert body["type"] == "error"
+    # The last target's 503 reaches the Anthropic client translated to Anthropic's error type.
+    assert body["error"]["type"] == "overloaded_error"
+    row = via_proxy.wait_row(raised.value.response.headers["x-tollhouse-request-id"])
+    assert [(a["provider"], a["status"]) for a in json.loads(row["attempts"])] == [("anthropic", 503), ("openai", 503)]
+    assert row["status"] == 503
+    assert row["cost_usd"] == Decimal(0)
+
+
+# -- base-URL listener -------------------------------------------------------------------------------
+
+
+SEED_CONFIG = json.dumps({
+    "strategy": {"mode": "fallback"},
+    "targets": [
+        {"provider": "anthropic", "override_params": {"model": CLAUDE}},
+        {"provider": "openai", "override_params": {"model": GPT}},
+    ],
+})
+
+
+@pytest.mark.parametrize("config", [SEED_CONFIG, "seed-example"], ids=["header-json", "route-name"])
+def test_base_url_seed_example(fgw, config):
+    client = openai.OpenAI(api_key=ALPHA_KEY, base_url=f"{fgw.base_url}/v1", max_retries=0, timeout=20.0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="anything", messages=MESSAGES,
+        extra_headers={"x-portkey-config": config, **fault(f"status:529, model:{CLAUDE}"), "x-fake-text": "ok"},
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "ok"
+    assert raw.headers["x-portkey-last-used-option-index"] == "config.targets[1]"
+    assert raw.headers["x-portkey-provider"] == "openai"
+    row = fgw.wait_row(raw.headers["x-tollhouse-request-id"])
+    assert attempts_of(row) == [
+        ("config.targets[0]", "anthropic", CLAUDE, 529, True),
+        ("config.targets[1]", "openai", GPT, 200, True),
+    ]
+    assert row["route"] == ("x-portkey-config" if config.startswith("{") else "seed-example")
+    assert row["listener"] == "base_url"
+
+
+def test_base_url_anthropic_stream_falls_back(fgw):
+    client = anthropic.Anthropic(api_key=ALPHA_KEY, base_url=fgw.base_url, max_retries=0, timeout=20.0)
+    with client.messages.stream(
+        model="anything", max_tokens=50, messages=MESSAGES,
+        extra_headers={"x-portkey-config": SEED_CONFIG, **fault(f"early-error, model:{CLAUDE}"), "x-fake-text": "via%20gpt"},
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-tollhouse-request-id"]
+    assert text == "via gpt"
+    row = fgw.wait_row(request_id)
+    assert row["served_by"] == "config.targets[1]"
+    assert row["cost_usd"] == cost(GPT, final.usage.input_tokens, final.usage.output_tokens)
+
+
+def test_base_url_bad_config_is_400(fgw):
+    client = openai.OpenAI(api_key=ALPHA_KEY, base_url=f"{fgw.base_url}/v1", max_retries=0, timeout=20.0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="x", messages=MESSAGES,
+            extra_headers={"x-portkey-config": json.dumps({"strategy": {"mode": "sometimes"}, "targets": [{"provider": "openai"}]})},
+        )
+    assert raised.value.body["message"] == (
+        "tollhouse: x-portkey-config: config.strategy.mode must be one of fallback, loadbalance, single, got 'sometimes'."
+    )
+
+
+def test_upstream_connections_are_reused(fgw, fake):
+    fake.clear()
+    for _ in range(4):
+        client = openai.OpenAI(api_key=ALPHA_KEY, base_url=f"{fgw.base_url}/v1", max_retries=0, timeout=20.0)
+        client.chat.completions.create(
+            model="x", messages=MESSAGES,
+            extra_headers={"x-portkey-config": SEED_CONFIG, **fault(f"status:529, model:{CLAUDE}")},
+        )
+        client.close()
+    connections = {request.connection_id for request in fake.received}
+    assert len(fake.received) == 8
+    assert len(connections) < 8
