@@ -4,7 +4,7 @@ A target's breaker opens after `failures` consecutive failed attempts, and calls
 for `cooldown` seconds. After that one call may probe it: a success closes the breaker, a failure opens
 it for another `cooldown`. Calls that arrive while the probe is in flight skip the target as before.
 Only failures that would move a call to another target count (connection errors, timeouts, 429 and 5xx);
-a 400 says nothing about the target's health.
+a 400 does not reflect the target's health.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class CircuitBreakers:
         state.probing = True
         return True
 
-    def would_refuse(self, key: str) -> bool:
+    def is_unavailable(self, key: str) -> bool:
         """Tell whether `acquire` would refuse the target now, without starting a probe."""
         state = self._states.get(key)
         if state is None or state.opened_at is None:

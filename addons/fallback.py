@@ -1,7 +1,7 @@
 """Walks a routing config for one call: fallbacks, load balancing, retries with backoff, circuit breakers.
 
 `FallbackRun.run` tries leaf targets through a `send` coroutine (the relay's upstream request) and
-returns the outcome that answers the client: the first success, a failure that no strategy acts on (a
+returns the outcome that is sent to the client: the first success, a failure that no strategy acts on (a
 400 goes back to the client at once), or the last failure when every target failed.
 
 What moves a call on (to a retry, or to the next target of a fallback):
@@ -41,7 +41,7 @@ TIMEOUT = "timeout"
 REJECTED = "rejected"
 SKIPPED = "skipped"
 
-# Failures that say nothing about the request itself, so another try may succeed.
+# Failures that do not depend on the request itself, so another try may succeed.
 _TRANSIENT = {EARLY_ERROR, CONNECT_ERROR, TIMEOUT}
 
 
@@ -56,7 +56,7 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     latency_ms: float | None = None
-    #: False when no request went upstream: an open circuit breaker, or a plugin answered the attempt.
+    #: False when no request went upstream: the circuit breaker was open, or a plugin set the attempt's response.
     sent: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,7 +73,7 @@ class Attempt:
 
 @dataclass
 class Outcome:
-    """How one attempt ended; `payload` is the relay's response to forward when this outcome is final."""
+    """The result of one attempt; `payload` is the relay's response to forward when this outcome is final."""
 
     kind: str
     status: int | None = None
@@ -194,7 +194,7 @@ class FallbackRun:
             return False
         provider = target.provider or self.default_provider
         key = target_key(provider, self._model_of(target))
-        return self.breakers.would_refuse(key)
+        return self.breakers.is_unavailable(key)
 
     async def _leaf(self, leaf: Target) -> Outcome:
         provider = leaf.provider or self.default_provider
@@ -207,7 +207,7 @@ class FallbackRun:
         for retry in range(retries + 1):
             if not self.breakers.acquire(key):
                 if retry > 0:
-                    # The breaker opened during this call's own retries: its last real answer stands.
+                    # The breaker opened during this call's own retries, so the call keeps its last upstream response.
                     return outcome
                 wait = self.breakers.retry_after(key)
                 if self.breakers.probing(key) and wait == 0:

@@ -11,7 +11,9 @@ arguments, by name.
 
 Hooks run on mitmproxy's event loop: they must not block. An exception in `tollhouse_configure` stops
 startup. One in `tollhouse_authenticate` or `tollhouse_request` fails only the call it was raised for:
-the client gets a 500 error in its provider's format, and the row records the error. From
+the client gets a 500 error in its provider's format, and the row records the error. One in
+`tollhouse_upstream_request` fails the attempt in the same way, and a call with a routing config moves
+on to its next target. From
 `tollhouse_response_headers` on, the answer has started, so the gateway calls each implementation on
 its own (`addons.hook_calls`): an exception is logged and recorded in the row, and the other plugins
 still run.

@@ -75,8 +75,12 @@ _MAX_PEEK_BYTES = 256 * 1024
 _IDLE_READ_TIMEOUT = 600.0
 # Largest request head that the relay reads from mitmproxy.
 _MAX_HEAD_BYTES = 64 * 1024
-# Stream events that come before any content and do not decide an attempt.
-_PRELUDE_EVENTS = {"message_start", "ping", "response.created", "response.in_progress"}
+# Stream events that come before any content and do not decide an attempt. An Anthropic
+# content_block_start carries no text yet; the Responses events announce an item before its deltas.
+_PRELUDE_EVENTS = {
+    "message_start", "ping", "content_block_start", "response.created", "response.in_progress",
+    "response.output_item.added", "response.content_part.added",
+}
 
 
 @dataclass
@@ -388,7 +392,23 @@ def _classify(event: SSEEvent) -> str:
         return "error"
     if event.event in _PRELUDE_EVENTS:
         return "wait"
+    if event.event is None and _is_empty_chat_chunk(event.json):
+        return "wait"
     return "content"
+
+
+def _is_empty_chat_chunk(chunk) -> bool:
+    """Tell whether a Chat Completions chunk carries nothing yet: only the role, or an empty content."""
+    if not isinstance(chunk, dict) or chunk.get("object") != "chat.completion.chunk":
+        return False
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return False
+    choice = choices[0]
+    delta = choice.get("delta")
+    if choice.get("finish_reason") is not None or not isinstance(delta, dict):
+        return False
+    return not delta.get("content") and not delta.get("tool_calls") and not delta.get("refusal")
 
 
 def _event_error(event: SSEEvent) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import struct
 import threading
 from decimal import Decimal
 
@@ -65,6 +66,36 @@ class UntrustedTLSServer:
         self.sock.close()
 
 
+class ResetServer:
+    """A loopback server that accepts each connection and resets it at once, before any response."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            # Linger 0 makes close() send a TCP reset instead of a normal close.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def reset_server():
+    server = ResetServer()
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
     server = UntrustedTLSServer(tmp_path_factory.mktemp("untrusted-tls"))
@@ -72,7 +103,18 @@ def tls_server(tmp_path_factory):
     server.close()
 
 
-def fallback_rules(fake_port: int, tls_port: int) -> str:
+@pytest.fixture(scope="module")
+def slow_fake():
+    from addons.testing.fake_upstream import FakeUpstream
+    from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY
+
+    upstream = FakeUpstream(chunk_delay=0.05).start_in_thread()
+    upstream.expected_keys.update(openai=OPENAI_REAL_KEY, anthropic=ANTHROPIC_REAL_KEY)
+    yield upstream
+    upstream.stop_thread()
+
+
+def fallback_rules(fake_port: int, tls_port: int, slow_port: int = 9, reset_port: int = 9) -> str:
     dead = closed_port()
     extra_providers = f"""\
   dead:
@@ -85,6 +127,16 @@ def fallback_rules(fake_port: int, tls_port: int) -> str:
     base_url: https://127.0.0.1:{tls_port}
     key_env: ANTHROPIC_API_KEY
     hosts: [tls-mismatch.invalid]
+  reset:
+    kind: anthropic
+    base_url: http://127.0.0.1:{reset_port}
+    key_env: ANTHROPIC_API_KEY
+    hosts: [reset.invalid]
+  slow-anthropic:
+    kind: anthropic
+    base_url: http://127.0.0.1:{slow_port}
+    key_env: ANTHROPIC_API_KEY
+    hosts: [slow-anthropic.invalid]
 """
     routes = f"""
 fallbacks:
@@ -152,8 +204,9 @@ routes:
 
 
 @pytest.fixture(scope="module")
-def fgw(fake, tls_server, tmp_path_factory):
-    process = start_gateway(tmp_path_factory.mktemp("fallbacks"), fallback_rules(fake.port, tls_server.port), GATEWAY_ENV)
+def fgw(fake, tls_server, slow_fake, reset_server, tmp_path_factory):
+    rules = fallback_rules(fake.port, tls_server.port, slow_fake.port, reset_server.port)
+    process = start_gateway(tmp_path_factory.mktemp("fallbacks"), rules, GATEWAY_ENV)
     yield process
     process.stop()
 
@@ -505,3 +558,247 @@ def test_upstream_connections_are_reused(fgw, fake):
     connections = {request.connection_id for request in fake.received}
     assert len(fake.received) == 8
     assert len(connections) < 8
+
+
+# -- circuit breaker, load balancing and metrics on a gateway of their own ---------------------------
+
+
+def breaker_rules(fake_port: int) -> str:
+    routes = f"""
+fallbacks:
+  backoff_initial: 0.01
+  breaker_failures: 2
+  breaker_cooldown: 600
+routes:
+  guarded:
+    match: {{provider: openai, model: gpt-4o-mini}}
+    strategy: {{mode: fallback}}
+    targets:
+      - {{provider: openai, model: gpt-4o-mini}}
+      - {{provider: openai, model: {GPT}}}
+  balanced:
+    match: {{provider: openai, model: gpt-4.1}}
+    strategy: {{mode: loadbalance}}
+    targets:
+      - {{provider: openai, model: gpt-4.1, weight: 1}}
+      - {{provider: anthropic, model: claude-haiku-4-5, weight: 1}}
+      - {{provider: anthropic, model: {CLAUDE}, weight: 0}}
+"""
+    return rules_text(fake_port, routes=routes)
+
+
+@pytest.fixture(scope="module")
+def bgw(fake, tmp_path_factory):
+    process = start_gateway(tmp_path_factory.mktemp("breaker"), breaker_rules(fake.port), GATEWAY_ENV)
+    yield process
+    process.stop()
+
+
+def metric_samples(gateway) -> dict[tuple[str, tuple], float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/metrics", timeout=10.0, trust_env=False)
+    found = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_breaker_skips_failing_target(bgw, monkeypatch):
+    use_gateway(bgw, monkeypatch)
+    client = openai_client()
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers=fault("status:503, model:gpt-4o-mini"),
+        )
+        row = bgw.wait_row(raw.headers["x-tollhouse-request-id"])
+        assert [(a["model"], a["status"]) for a in json.loads(row["attempts"])] == [("gpt-4o-mini", 503), (GPT, 200)]
+
+    # Two failures in a row opened the breaker: the next call, which would succeed, skips the target.
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert raw.headers["x-tollhouse-attempts"] == "1"
+    assert raw.headers["x-tollhouse-served-by"] == "config.targets[1]"
+    row = bgw.wait_row(raw.headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert (attempts[0]["model"], attempts[0]["sent"], attempts[0]["status"]) == ("gpt-4o-mini", False, None)
+    assert attempts[0]["error"].startswith("circuit breaker open for openai/gpt-4o-mini; next probe in ")
+    assert (attempts[1]["model"], attempts[1]["status"]) == (GPT, 200)
+    assert row["attempt_count"] == 1
+
+    log = bgw.stderr()
+    first = bgw.rows("route = 'guarded'")[0]["request_id"]
+    assert f"call {first}: falling back to config.targets[1] after status 503" in log
+    assert f"call {row['request_id']}: skipped openai/gpt-4o-mini (config.targets[0]): circuit breaker open" in log
+
+    found = metric_samples(bgw)
+    assert found[("tollhouse_fallbacks_total", (("project", "alpha"),))] == 3
+    assert ("tollhouse_retries_total", (("project", "alpha"),)) not in found
+
+
+def test_loadbalance_uses_weighted_targets(bgw, monkeypatch):
+    use_gateway(bgw, monkeypatch)
+    client = openai_client()
+    served = []
+    for _ in range(24):
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4.1", messages=MESSAGES, extra_headers={"x-fake-text": "lb"})
+        assert raw.parse().choices[0].message.content == "lb"
+        assert raw.headers["x-tollhouse-attempts"] == "1"
+        served.append(raw.headers["x-tollhouse-served-by"])
+    # Both weight-1 targets serve some calls (all 24 on one has probability 2 * 0.5**24); weight 0 none.
+    assert set(served) == {"config.targets[0]", "config.targets[1]"}
+
+
+def test_cut_json_answer_falls_back(via_proxy):
+    raw = anthropic_client().messages.with_raw_response.create(
+        model=CLAUDE, max_tokens=50, messages=MESSAGES,
+        extra_headers={**fault(f"cut, model:{CLAUDE}"), "x-fake-text": "whole"},
+    )
+    assert raw.parse().content[0].text == "whole"
+    row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert (attempts[0]["status"], attempts[0]["error"].split(" ")[0]) == (None, "RemoteProtocolError")
+    assert (attempts[1]["provider"], attempts[1]["status"]) == ("openai", 200)
+
+
+def test_translated_cut_stream_ends_with_openai_error(fgw):
+    client = openai.OpenAI(api_key=ALPHA_KEY, base_url=f"{fgw.base_url}/v1", max_retries=0, timeout=20.0)
+    stream = client.chat.completions.create(
+        model="x", messages=MESSAGES, stream=True,
+        extra_headers={"x-portkey-config": SEED_CONFIG, **fault(f"cut, model:{CLAUDE}"), "x-fake-text": "word%20" * 40},
+    )
+    pieces = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+    assert pieces, "content arrived before the cut"
+    assert "ended before the response was complete" in str(raised.value)
+    row = fgw.wait_row(stream.response.headers["x-tollhouse-request-id"])
+    assert row["error"].startswith("upstream stream broke after content was sent: ")
+    assert row["served_by"] == "config.targets[0]"
+
+
+def test_client_leaving_relayed_stream_is_logged(fgw, slow_fake):
+    import httpx
+
+    body = {"model": CLAUDE, "max_tokens": 50, "stream": True, "messages": MESSAGES}
+    # A retry makes the call go through the relay; the slow fake pauses 50 ms between writes.
+    config = json.dumps({"provider": "slow-anthropic", "retry": {"attempts": 1}})
+    headers = {
+        "x-api-key": ALPHA_KEY, "anthropic-version": "2023-06-01", "x-portkey-config": config,
+        "x-fake-text": "word%20" * 200,
+    }
+    with httpx.Client(trust_env=False, timeout=20.0) as client:
+        with client.stream("POST", f"{fgw.base_url}/v1/messages", json=body, headers=headers) as response:
+            request_id = response.headers["x-tollhouse-request-id"]
+            next(response.iter_bytes())
+    row = fgw.wait_row(request_id)
+    assert row["status"] == 200
+    assert row["error"].startswith("stream ended early")
+    assert row["price_flag"] == "partial"
+    assert row["served_by"] == "config"
+
+
+# -- every trigger and non-trigger, in both listener modes, streamed and not ---------------------------
+
+# (name, first target, x-fault for the first target's model): each first target fails in its own way.
+TRIGGERS = [
+    ("429", {"provider": "anthropic", "model": CLAUDE}, f"status:429, model:{CLAUDE}"),
+    ("500", {"provider": "anthropic", "model": CLAUDE}, f"status:500, model:{CLAUDE}"),
+    ("503", {"provider": "anthropic", "model": CLAUDE}, f"status:503, model:{CLAUDE}"),
+    ("529", {"provider": "anthropic", "model": CLAUDE}, f"status:529, model:{CLAUDE}"),
+    ("refused", {"provider": "dead", "model": "gpt-4.1-nano"}, None),
+    ("tls", {"provider": "tls-mismatch", "model": CLAUDE}, None),
+    ("timeout", {"provider": "anthropic", "model": CLAUDE, "request_timeout": 300}, f"slow:3, model:{CLAUDE}"),
+    ("reset", {"provider": "reset", "model": CLAUDE}, None),
+    ("early-error", {"provider": "anthropic", "model": CLAUDE}, f"early-error, model:{CLAUDE}"),
+]
+# The second target: the same provider as the client (same) or the other one (cross).
+SECOND_TARGETS = {
+    "openai": {"same": {"provider": "openai", "model": GPT}, "cross": {"provider": "anthropic", "model": "claude-haiku-4-5"}},
+    "anthropic": {"same": {"provider": "anthropic", "model": "claude-haiku-4-5"}, "cross": {"provider": "openai", "model": GPT}},
+}
+
+
+def call_through(gw, listener: str, client_format: str, stream: bool, headers: dict[str, str], monkeypatch):
+    """Make one call with the official SDK; return (text, response headers)."""
+    if listener == "proxy":
+        use_gateway(gw, monkeypatch)
+        kwargs = {}
+    else:
+        for name in ("HTTPS_PROXY", "https_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        kwargs = {"base_url": f"{gw.base_url}/v1" if client_format == "openai" else gw.base_url}
+    if client_format == "openai":
+        client = openai_client(**kwargs)
+        if stream:
+            response = client.chat.completions.create(model=CLAUDE, messages=MESSAGES, stream=True, extra_headers=headers)
+            text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+            return text, response.response.headers
+        raw = client.chat.completions.with_raw_response.create(model=CLAUDE, messages=MESSAGES, extra_headers=headers)
+        return raw.parse().choices[0].message.content, raw.headers
+    client = anthropic_client(**kwargs)
+    if stream:
+        with client.messages.stream(model=CLAUDE, max_tokens=50, messages=MESSAGES, extra_headers=headers) as response:
+            return "".join(response.text_stream), response.response.headers
+    raw = client.messages.with_raw_response.create(model=CLAUDE, max_tokens=50, messages=MESSAGES, extra_headers=headers)
+    return raw.parse().content[0].text, raw.headers
+
+
+@pytest.mark.parametrize("listener", ["proxy", "base_url"])
+@pytest.mark.parametrize("client_format", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("trigger", TRIGGERS, ids=[t[0] for t in TRIGGERS])
+def test_trigger_matrix(fgw, monkeypatch, listener, client_format, stream, trigger):
+    name, first, first_fault = trigger
+    if name == "early-error" and not stream:
+        pytest.skip("an error event before content exists only in a stream")
+    kind = "same" if (listener, client_format) in (("proxy", "openai"), ("base_url", "anthropic")) else "cross"
+    second = SECOND_TARGETS[client_format][kind]
+    config = {"strategy": {"mode": "fallback"}, "targets": [first, second]}
+    headers = {"x-portkey-config": json.dumps(config), "x-fake-text": f"served%20after%20{name}"}
+    if first_fault:
+        headers["x-fault"] = first_fault
+
+    text, response_headers = call_through(fgw, listener, client_format, stream, headers, monkeypatch)
+
+    assert text == f"served after {name}"
+    assert response_headers["x-tollhouse-attempts"] == "2"
+    assert response_headers["x-portkey-last-used-option-index"] == "config.targets[1]"
+    row = fgw.wait_row(response_headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert [a["provider"] for a in attempts] == [first["provider"], second["provider"]]
+    assert attempts[1]["status"] == 200
+    expected_first_status = {"429": 429, "500": 500, "503": 503, "529": 529, "early-error": 200}.get(name)
+    assert attempts[0]["status"] == expected_first_status
+    assert (row["status"], row["error"], row["stream"], row["listener"]) == (200, None, stream, listener)
+    assert (row["provider"], row["model"]) == (second["provider"], second["model"])
+    assert row["cost_usd"] == cost(second["model"], row["input_tokens"], row["output_tokens"])
+    assert row["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("listener", ["proxy", "base_url"])
+@pytest.mark.parametrize("client_format", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+def test_non_trigger_matrix(fgw, monkeypatch, listener, client_format, stream, status):
+    config = {"strategy": {"mode": "fallback"}, "targets": [{"provider": "anthropic", "model": CLAUDE}, {"provider": "openai", "model": GPT}]}
+    headers = {"x-portkey-config": json.dumps(config), "x-fault": f"status:{status}, model:{CLAUDE}"}
+    error_type = openai.APIStatusError if client_format == "openai" else anthropic.APIStatusError
+
+    with pytest.raises(error_type) as raised:
+        call_through(fgw, listener, client_format, stream, headers, monkeypatch)
+
+    assert raised.value.status_code == status
+    response = raised.value.response
+    body = response.json()
+    if client_format == "openai":
+        assert set(body["error"]) >= {"message", "type"}
+    else:
+        assert body["type"] == "error"
+    assert response.headers["x-tollhouse-attempts"] == "1"
+    row = fgw.wait_row(response.headers["x-tollhouse-request-id"])
+    assert [(a["provider"], a["status"]) for a in json.loads(row["attempts"])] == [("anthropic", status)]
+    assert (row["status"], row["cost_usd"], row["price_flag"]) == (status, Decimal(0), "not_billed")
