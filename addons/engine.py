@@ -209,6 +209,8 @@ async def serve(rules: Rules, overrides: Callable[[Rules], Rules] | None = None)
         # Shutdown cancels the handlers of idle keep-alive connections, and asyncio reports each one
         # as an error; they are expected here.
         logging.getLogger("asyncio").addFilter(_drop_cancelled)
+        # Close the relay's upstream connection pool; calls still in flight are cut here as everywhere.
+        await gateway.relay.close()
         master.shutdown()
 
     loop = asyncio.get_running_loop()

@@ -802,3 +802,45 @@ def test_non_trigger_matrix(fgw, monkeypatch, listener, client_format, stream, s
     row = fgw.wait_row(response.headers["x-tollhouse-request-id"])
     assert [(a["provider"], a["status"]) for a in json.loads(row["attempts"])] == [("anthropic", status)]
     assert (row["status"], row["cost_usd"], row["price_flag"]) == (status, Decimal(0), "not_billed")
+
+
+def test_sigterm_finishes_relayed_stream(tmp_path, monkeypatch, slow_fake):
+    import signal
+
+    rules = rules_text(slow_fake.port, routes=f"""
+routes:
+  retried:
+    match: {{provider: anthropic, model: {CLAUDE}}}
+    retry: {{attempts: 1}}
+    provider: anthropic
+""")
+    gateway = start_gateway(tmp_path / "gateway", rules, GATEWAY_ENV)
+    try:
+        use_gateway(gateway, monkeypatch)
+        stream = anthropic_client().messages.create(
+            model=CLAUDE, max_tokens=500, messages=MESSAGES, stream=True,
+            extra_headers={**fault(f"status:529, times:1, model:{CLAUDE}"), "x-fake-text": "word%20" * 30},
+        )
+        request_id = stream.response.headers["x-tollhouse-request-id"]
+        events = []
+        for event in stream:
+            events.append(event)
+            if len(events) == 1:
+                gateway.process.send_signal(signal.SIGTERM)
+        exit_code = gateway.process.wait(timeout=30)
+    finally:
+        if gateway.process.poll() is None:
+            gateway.stop(signal.SIGKILL)
+
+    assert exit_code == 0
+    assert events[-1].type == "message_stop"
+    text = "".join(event.delta.text for event in events if event.type == "content_block_delta")
+    assert text == "word " * 30
+    from addons.logstore import connect_readonly
+
+    with connect_readonly(gateway.database, timeout=10.0) as con:
+        status, error, attempts = con.execute(
+            "SELECT status, error, attempts FROM requests WHERE request_id = ?", [request_id]
+        ).fetchone()
+    assert (status, error) == (200, None)
+    assert [a["status"] for a in json.loads(attempts)] == [529, 200]
