@@ -286,27 +286,33 @@ class Relay:
         upstream = self._client.build_request(request.method, url, headers=headers, content=request.raw_content or b"")
         response: httpx.Response | None = None
         try:
+            # request_timeout covers the connection, the response head and the first body bytes.
             async with asyncio.timeout(timeout):
                 response = await self._client.send(upstream, stream=True)
-                headers_out = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _DROPPED_RESPONSE_HEADERS]
-                reason = response.reason_phrase or ""
-                is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
-                if response.status_code >= 400 or not is_stream:
-                    body = await response.aread()
-                    await response.aclose()
-                    answer = WholeAnswer(response.status_code, reason, headers_out, body)
-                    if response.status_code >= 400:
-                        return Outcome(
-                            HTTP_ERROR,
-                            status=response.status_code,
-                            error=_error_message(body),
-                            retry_after=_retry_after(response.headers),
-                            payload=answer,
-                        )
-                    return Outcome(OK, status=response.status_code, payload=answer)
                 chunks = response.aiter_bytes()
                 first = await anext(chunks, b"")
-            return await self._peek_stream(response, reason, headers_out, chunks, first, api_format)
+            headers_out = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _DROPPED_RESPONSE_HEADERS]
+            reason = response.reason_phrase or ""
+            is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+            if response.status_code < 400 and is_stream:
+                return await self._peek_stream(response, reason, headers_out, chunks, first, api_format)
+
+            # A JSON answer or an error is read whole, so that a body cut halfway can still fall back.
+            parts = [first]
+            async for part in chunks:
+                parts.append(part)
+            await response.aclose()
+            body = b"".join(parts)
+            answer = WholeAnswer(response.status_code, reason, headers_out, body)
+            if response.status_code >= 400:
+                return Outcome(
+                    HTTP_ERROR,
+                    status=response.status_code,
+                    error=_error_message(body),
+                    retry_after=_retry_after(response.headers),
+                    payload=answer,
+                )
+            return Outcome(OK, status=response.status_code, payload=answer)
         except TimeoutError:
             await _close(response)
             return Outcome(TIMEOUT, error=f"no first byte from {url} within {timeout:g} s (request_timeout)")

@@ -30,6 +30,8 @@ RESTART_ONLY: dict[str, Callable[[Rules], Any]] = {
     "plugins": lambda rules: rules.plugins,
     "max_request_bytes": lambda rules: rules.max_request_bytes,
     "log_format": lambda rules: rules.log_format,
+    # The relay's httpx pool is built with the connect timeout once, at start.
+    "fallbacks.connect_timeout": lambda rules: rules.fallbacks.connect_timeout,
 }
 
 
@@ -64,5 +66,6 @@ def plan_reload(current: Rules, new: Rules) -> tuple[Rules, list[str]]:
         plugins=current.plugins,
         max_request_bytes=current.max_request_bytes,
         log_format=current.log_format,
+        fallbacks=dataclasses.replace(new.fallbacks, connect_timeout=current.fallbacks.connect_timeout),
     )
     return applied, pending

@@ -105,7 +105,8 @@ class Target:
     override_params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     weight: float = 1.0
     retry: Retry | None = None
-    #: Seconds to wait for the first byte of the answer; None waits without a limit.
+    #: Seconds to wait for the first byte of the answer's body. None sets no such limit (the relay still
+    #: ends an upstream read that stalls for 600 s).
     request_timeout: float | None = None
     #: "fallback", "loadbalance" or "single" for a node, None for a leaf.
     mode: str | None = None

@@ -68,7 +68,7 @@ LIMIT_REJECTIONS = Counter(
 )
 FALLBACKS = Counter(
     "tollhouse_fallbacks",
-    "Calls with a routing config that moved on from a target to another one (fallback).",
+    "Moves of calls from one target of their routing config to another (fallbacks), one per move.",
     ("project",), registry=REGISTRY,
 )
 RETRIES = Counter(

@@ -342,6 +342,23 @@ def test_plan_reload_keeps_restart_settings(tmp_path):
     assert sorted(applied.projects) == ["alpha", "beta", "gamma"]
 
 
+def test_plan_reload_fallback_settings(tmp_path):
+    from addons.reload import plan_reload
+    from addons.rules import load_rules
+
+    current_path = tmp_path / "current.yaml"
+    current_path.write_text(rules_text(1234), encoding="utf-8")
+    new_path = tmp_path / "new.yaml"
+    new_path.write_text(rules_text(1234, fallbacks="fallbacks:\n  connect_timeout: 3\n  breaker_failures: 2\n"), encoding="utf-8")
+    current = load_rules(current_path)
+
+    applied, pending = plan_reload(current, load_rules(new_path))
+
+    assert pending == ["fallbacks.connect_timeout"]
+    assert applied.fallbacks.connect_timeout == 10.0
+    assert applied.fallbacks.breaker_failures == 2
+
+
 def test_run_options_override_rules(tmp_path):
     import argparse
 
