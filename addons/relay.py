@@ -207,9 +207,13 @@ class Relay:
                     break
                 await self._respond(job, writer)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            # mitmproxy closed the connection: the client went away, or the gateway is stopping.
             pass
         except asyncio.CancelledError:
             pass
+        except Exception:
+            # A bug in the relay: mitmproxy sees the connection close and answers the client with 502.
+            logger.exception("relay failed on a connection from mitmproxy")
         finally:
             if task is not None:
                 self._connections.discard(task)

@@ -92,3 +92,46 @@ def test_hook_failure_recorded_in_row(failing_gateway, monkeypatch, fail, hook):
     # The built-in usage extraction and pricing ran regardless.
     assert row["input_tokens"] is not None
     assert row["price_flag"] == "override"
+
+
+UPSTREAM_PLUGIN = '''
+from addons import hookimpl
+
+
+@hookimpl
+def tollhouse_upstream_request(call, flow):
+    if call.provider.name == "anthropic" and flow.request.headers.get("x-fail") == "upstream":
+        raise RuntimeError("upstream boom")
+'''
+
+ROUTE = """
+routes:
+  claude-first:
+    match: {provider: openai, model: gpt-4o}
+    strategy: {mode: fallback}
+    targets:
+      - {provider: anthropic, model: claude-sonnet-4-20250514}
+      - {provider: openai, model: gpt-4o}
+"""
+
+
+def test_upstream_hook_failure_moves_on(fake, tmp_path, monkeypatch):
+    (tmp_path / "upstream_failing.py").write_text(UPSTREAM_PLUGIN, encoding="utf-8")
+    rules = rules_text(fake.port, plugin="plugins:\n  - upstream_failing.py\n", routes=ROUTE)
+    gateway = start_gateway(tmp_path, rules, GATEWAY_ENV)
+    try:
+        use_gateway(gateway, monkeypatch)
+        raw = openai_client().chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=MESSAGES, extra_headers={"x-fail": "upstream"}
+        )
+        assert raw.parse().choices[0].message.role == "assistant"
+        row = gateway.wait_row(raw.headers["x-tollhouse-request-id"])
+    finally:
+        gateway.stop()
+
+    import json
+
+    attempts = json.loads(row["attempts"])
+    assert [(a["provider"], a["status"], a["sent"]) for a in attempts] == [("anthropic", 500, False), ("openai", 200, True)]
+    assert attempts[0]["error"] == "tollhouse plugin hook tollhouse_upstream_request failed: RuntimeError: upstream boom"
+    assert (row["status"], row["error"], row["attempt_count"]) == (200, None, 1)
