@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from addons.rules import Provider
 
 logger = logging.getLogger(__name__)
+# httpx logs every request at INFO; the gateway already logs one line per call, with its attempts.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 #: Request header with the token of a registered job.
 TOKEN_HEADER = "x-tollhouse-relay"
