@@ -7,8 +7,8 @@ request (fallbacks, load balancing, retries, a first-byte timeout) is pointed at
 1. The gateway registers a `RelayJob` under a random token and rewrites the flow to
    `http://127.0.0.1:<relay port>/...` with the token in `x-tollhouse-relay` and no body.
 2. The relay receives that request from mitmproxy, walks the routing config (`addons.fallback`) and
-   sends each attempt upstream with httpx, whose pool keeps upstream connections alive across client
-   connections.
+   sends each attempt upstream with `addons.upstream_client`, whose pool keeps upstream connections
+   alive across client connections.
 3. An attempt counts as answered only once the relay has seen its status and, for a stream, its first
    content event. Nothing is forwarded before that, so a failed attempt costs latency only.
 4. The winner's answer goes back to mitmproxy in the provider's own format, event by event, and the
@@ -33,7 +33,6 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import httpx
 from mitmproxy import http
 
 from addons.errors import error_response
@@ -49,6 +48,7 @@ from addons.fallback import (
     Outcome,
 )
 from addons.sse import SSEEvent, SSEReader
+from addons.upstream_client import UpstreamClient, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:
     from addons.breaker import CircuitBreakers
@@ -57,8 +57,6 @@ if TYPE_CHECKING:
     from addons.rules import Provider
 
 logger = logging.getLogger(__name__)
-# httpx logs every request at INFO; the gateway already logs one line per call, with its attempts.
-logging.getLogger("httpx").setLevel(logging.WARNING)
 
 #: Request header with the token of a registered job.
 TOKEN_HEADER = "x-tollhouse-relay"
@@ -68,7 +66,7 @@ _HOP_HEADERS = {
     "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer",
     "transfer-encoding", "upgrade", "content-length", "host",
 }
-# Response headers dropped on the way back: httpx decodes the body, so its coding and length change.
+# Response headers dropped on the way back: the client decodes the body, so its coding and length change.
 _DROPPED_RESPONSE_HEADERS = _HOP_HEADERS | {"content-encoding"}
 # Bytes of a stream held back while waiting for its first content event; a stream that has sent this
 # much without content or error is forwarded as it is.
@@ -95,7 +93,7 @@ class StreamAnswer:
     events: list[bytes]
     reader: SSEReader
     chunks: AsyncIterator[bytes]
-    response: httpx.Response
+    response: UpstreamResponse
     api_format: str
 
 
@@ -127,14 +125,14 @@ class RelayJob:
 
 
 class Relay:
-    """The relay server on a loopback port, and the httpx client for upstream requests."""
+    """The relay server on a loopback port, and the client for upstream requests."""
 
     def __init__(self, settings: FallbackSettings, breakers: CircuitBreakers):
         self.settings = settings
         self.breakers = breakers
         self._jobs: dict[str, RelayJob] = {}
         self._server: asyncio.Server | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: UpstreamClient | None = None
         self._connections: set[asyncio.Task] = set()
         self.port = 0
 
@@ -149,14 +147,8 @@ class Relay:
     async def start(self) -> None:
         if self._server is not None:
             return
-        self._client = httpx.AsyncClient(
-            # The relay connects to configured base URLs only; a proxy from the environment must not
-            # catch these requests.
-            trust_env=False,
-            follow_redirects=False,
-            timeout=httpx.Timeout(connect=self.settings.connect_timeout, read=_IDLE_READ_TIMEOUT, write=60.0, pool=60.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200, keepalive_expiry=60.0),
-        )
+        # The client connects to the configured base URLs only, never through a proxy from the environment.
+        self._client = UpstreamClient(self.settings.connect_timeout, _IDLE_READ_TIMEOUT)
         self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0, limit=_MAX_HEAD_BYTES)
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("relay for routed calls listening on 127.0.0.1:%d", self.port)
@@ -289,19 +281,20 @@ class Relay:
         host = f"[{request.host}]" if ":" in request.host else request.host
         url = f"{request.scheme}://{host}:{request.port}{request.path}"
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _HOP_HEADERS]
-        upstream = self._client.build_request(request.method, url, headers=headers, content=request.raw_content or b"")
-        response: httpx.Response | None = None
+        response: UpstreamResponse | None = None
         try:
             # request_timeout covers the connection, the response head and the first body bytes.
             async with asyncio.timeout(timeout):
-                response = await self._client.send(upstream, stream=True)
-                chunks = response.aiter_bytes()
+                response = await self._client.request(
+                    request.method, request.scheme, request.host, request.port, request.path, headers,
+                    request.raw_content or b"",
+                )
+                chunks = response.chunks()
                 first = await anext(chunks, b"")
-            headers_out = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _DROPPED_RESPONSE_HEADERS]
-            reason = response.reason_phrase or ""
-            is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
-            if response.status_code < 400 and is_stream:
-                return await self._peek_stream(response, reason, headers_out, chunks, first, api_format)
+            headers_out = [(k, v) for k, v in response.headers if k.lower() not in _DROPPED_RESPONSE_HEADERS]
+            is_stream = (response.header("content-type") or "").startswith("text/event-stream")
+            if response.status < 400 and is_stream:
+                return await self._peek_stream(response, headers_out, chunks, first, api_format)
 
             # A JSON answer or an error is read whole, so that a body cut halfway can still fall back.
             parts = [first]
@@ -309,30 +302,26 @@ class Relay:
                 parts.append(part)
             await response.aclose()
             body = b"".join(parts)
-            answer = WholeAnswer(response.status_code, reason, headers_out, body)
-            if response.status_code >= 400:
+            answer = WholeAnswer(response.status, response.reason, headers_out, body)
+            if response.status >= 400:
                 return Outcome(
                     HTTP_ERROR,
-                    status=response.status_code,
+                    status=response.status,
                     error=_error_message(body),
-                    retry_after=_retry_after(response.headers),
+                    retry_after=_retry_after(response),
                     payload=answer,
                 )
-            return Outcome(OK, status=response.status_code, payload=answer)
+            return Outcome(OK, status=response.status, payload=answer)
         except TimeoutError:
             await _close(response)
             return Outcome(TIMEOUT, error=f"no first byte from {url} within {timeout:g} s (request_timeout)")
-        except httpx.TimeoutException as e:
+        except UpstreamError as e:
             await _close(response)
-            return Outcome(TIMEOUT, error=f"timed out talking to {url}: {type(e).__name__}")
-        except httpx.TransportError as e:
-            await _close(response)
-            return Outcome(CONNECT_ERROR, error=f"{type(e).__name__} for {url}: {e or 'connection failed'}")
+            return Outcome(CONNECT_ERROR, error=f"{url}: {e}")
 
     async def _peek_stream(
         self,
-        response: httpx.Response,
-        reason: str,
+        response: UpstreamResponse,
         headers: list[tuple[str, str]],
         chunks: AsyncIterator[bytes],
         first: bytes,
@@ -351,23 +340,19 @@ class Relay:
                     verdict = _classify(event)
                     if verdict == "error":
                         await response.aclose()
-                        answer = WholeAnswer(response.status_code, reason, headers, b"".join(held))
-                        return Outcome(EARLY_ERROR, status=response.status_code, error=_event_error(event), payload=answer)
+                        answer = WholeAnswer(response.status, response.reason, headers, b"".join(held))
+                        return Outcome(EARLY_ERROR, status=response.status, error=_event_error(event), payload=answer)
                     if verdict == "content":
-                        return Outcome(
-                            OK, status=response.status_code,
-                            payload=StreamAnswer(response.status_code, reason, headers, held, reader, chunks, response, api_format),
-                        )
+                        answer = StreamAnswer(response.status, response.reason, headers, held, reader, chunks, response, api_format)
+                        return Outcome(OK, status=response.status, payload=answer)
                 if not chunk or held_bytes > _MAX_PEEK_BYTES:
                     # The stream ended, or sent a lot without content: forward what there is.
-                    return Outcome(
-                        OK, status=response.status_code,
-                        payload=StreamAnswer(response.status_code, reason, headers, held, reader, chunks, response, api_format),
-                    )
+                    answer = StreamAnswer(response.status, response.reason, headers, held, reader, chunks, response, api_format)
+                    return Outcome(OK, status=response.status, payload=answer)
                 chunk = await anext(chunks, b"")
-        except httpx.TransportError as e:
+        except UpstreamError as e:
             await _close(response)
-            return Outcome(CONNECT_ERROR, error=f"stream broke before its first content: {type(e).__name__}: {e}")
+            return Outcome(CONNECT_ERROR, error=f"stream broke before its first content: {e}")
 
     async def _forward_stream(self, job: RelayJob, answer: StreamAnswer, writer: asyncio.StreamWriter) -> None:
         """Send the stream to mitmproxy event by event, and close it with an error event if upstream breaks."""
@@ -386,8 +371,8 @@ class Relay:
                 rest = answer.reader.close()
                 if rest:
                     writer.write(_chunk(b"".join(event.raw for event in rest)))
-            except httpx.TransportError as e:
-                job.cut = f"upstream stream broke after content was sent: {type(e).__name__}: {e or 'connection closed'}"
+            except UpstreamError as e:
+                job.cut = f"upstream stream broke after content was sent: {e}"
                 logger.warning("call %s: %s", job.call.request_id, job.cut)
                 writer.write(_chunk(_stream_error_event(answer.api_format, job.call.endpoint)))
             writer.write(b"0\r\n\r\n")
@@ -454,13 +439,13 @@ def _error_message(body: bytes) -> str:
     return body[:300].decode("utf-8", errors="replace")
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(response: UpstreamResponse) -> float | None:
     """Return the wait that upstream asked for, in seconds: `retry-after-ms`, else `Retry-After`."""
-    milliseconds = headers.get("retry-after-ms")
+    milliseconds = response.header("retry-after-ms")
     if milliseconds:
         with suppress(ValueError):
             return max(0.0, float(milliseconds) / 1000.0)
-    value = headers.get("retry-after")
+    value = response.header("retry-after")
     if not value:
         return None
     with suppress(ValueError):
@@ -471,7 +456,7 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return None
 
 
-async def _close(response: httpx.Response | None) -> None:
+async def _close(response: UpstreamResponse | None) -> None:
     if response is not None:
         with suppress(Exception):
             await response.aclose()

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["SSEEvent", "SSEReader"]
+__all__ = ["SSEEvent", "SSEReader", "make_decompressor"]
 
 _UNPARSED: Any = object()
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -141,7 +141,11 @@ class _ZstdDecompressor:
         return b""
 
 
-def _make_decompressor(content_encoding: str | None) -> _Decompressor | None:
+def make_decompressor(content_encoding: str | None) -> _Decompressor | None:
+    """Return an incremental decoder for a `content-encoding` value, or None for identity.
+
+    :raises ValueError: for an encoding other than gzip, deflate, br, zstd and identity.
+    """
     encoding = (content_encoding or "identity").strip().lower()
     if encoding in ("", "identity"):
         return None
@@ -174,7 +178,7 @@ class SSEReader:
             module for br or zstd is missing.
         """
         self._encoding = content_encoding
-        self._decompressor = _make_decompressor(content_encoding)
+        self._decompressor = make_decompressor(content_encoding)
         #: Count of decoded (decompressed) bytes received so far.
         self.decoded = 0
         self._buffer = bytearray()

@@ -8,6 +8,7 @@ Every test calls a real gateway process through the official SDKs, in forward-pr
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import struct
@@ -389,7 +390,11 @@ def test_connection_refused_falls_back(via_proxy):
     row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
     attempts = json.loads(row["attempts"])
     assert (attempts[0]["provider"], attempts[0]["status"]) == ("dead", None)
-    assert attempts[0]["error"].startswith("ConnectError")
+    assert re.fullmatch(
+        r"http://127\.0\.0\.1:(\d+)/v1/chat/completions: connection to 127\.0\.0\.1:\1 failed: "
+        r"Connect call failed \('127\.0\.0\.1', \1\)",
+        attempts[0]["error"],
+    )
     assert (attempts[1]["provider"], attempts[1]["status"]) == ("openai", 200)
     assert row["cost_usd"] == cost("gpt-4.1-nano", row["input_tokens"], row["output_tokens"])
 
@@ -595,10 +600,10 @@ def bgw(fake, tmp_path_factory):
 
 
 def metric_samples(gateway) -> dict[tuple[str, tuple], float]:
-    import httpx
+    import httpx2
     from prometheus_client.parser import text_string_to_metric_families
 
-    response = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/metrics", timeout=10.0, trust_env=False)
+    response = httpx2.get(f"http://127.0.0.1:{gateway.admin_port}/metrics", timeout=10.0, trust_env=False)
     found = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
@@ -658,7 +663,8 @@ def test_cut_json_answer_falls_back(via_proxy):
     assert raw.parse().content[0].text == "whole"
     row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
     attempts = json.loads(row["attempts"])
-    assert (attempts[0]["status"], attempts[0]["error"].split(" ")[0]) == (None, "RemoteProtocolError")
+    assert attempts[0]["status"] is None
+    assert "peer closed connection without sending complete message body" in attempts[0]["error"]
     assert (attempts[1]["provider"], attempts[1]["status"]) == ("openai", 200)
 
 
@@ -681,7 +687,7 @@ def test_translated_cut_stream_ends_with_openai_error(fgw):
 
 
 def test_client_leaving_relayed_stream_is_logged(fgw, slow_fake):
-    import httpx
+    import httpx2
 
     body = {"model": CLAUDE, "max_tokens": 50, "stream": True, "messages": MESSAGES}
     # A retry makes the call go through the relay; the slow fake pauses 50 ms between writes.
@@ -690,7 +696,7 @@ def test_client_leaving_relayed_stream_is_logged(fgw, slow_fake):
         "x-api-key": ALPHA_KEY, "anthropic-version": "2023-06-01", "x-portkey-config": config,
         "x-fake-text": "word%20" * 200,
     }
-    with httpx.Client(trust_env=False, timeout=20.0) as client:
+    with httpx2.Client(trust_env=False, timeout=20.0) as client:
         with client.stream("POST", f"{fgw.base_url}/v1/messages", json=body, headers=headers) as response:
             request_id = response.headers["x-tollhouse-request-id"]
             next(response.iter_bytes())
