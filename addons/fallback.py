@@ -38,11 +38,13 @@ HTTP_ERROR = "http_error"
 EARLY_ERROR = "early_error"
 CONNECT_ERROR = "connect_error"
 TIMEOUT = "timeout"
+#: A 2xx answer that is no answer: an empty or non-JSON body, or a stream that ended without content.
+INVALID_ANSWER = "invalid_answer"
 REJECTED = "rejected"
 SKIPPED = "skipped"
 
 # Failures that do not depend on the request itself, so another try may succeed.
-_TRANSIENT = {EARLY_ERROR, CONNECT_ERROR, TIMEOUT}
+_TRANSIENT = {EARLY_ERROR, CONNECT_ERROR, TIMEOUT, INVALID_ANSWER}
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Outcome:
     payload: Any = None
     #: The leaf that produced the outcome.
     target: Target | None = None
+    #: Retries made on that leaf before this outcome.
+    retries: int = 0
 
     @property
     def ok(self) -> bool:
@@ -96,9 +100,10 @@ def counts_against_target(outcome: Outcome) -> bool:
     return outcome.kind == HTTP_ERROR and outcome.status in DEFAULT_FALLBACK_STATUSES
 
 
-def target_key(provider: Provider, model: str | None) -> str:
-    """Return the circuit breaker key of a target: provider name and model."""
-    return f"{provider.name}/{model or '*'}"
+def target_key(provider: Provider, model: str | None, scope: str = "") -> str:
+    """Return the circuit breaker key of a target: its routing config's scope, provider name and model."""
+    name = f"{provider.name}/{model or '*'}"
+    return f"{scope} {name}" if scope else name
 
 
 SendFunction = Callable[[Target, int], Awaitable[Outcome]]
@@ -118,6 +123,7 @@ class FallbackRun:
         *,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        breaker_scope: str = "",
     ):
         self.call = call
         self.config = config
@@ -127,13 +133,18 @@ class FallbackRun:
         self.send = send
         self.rng = rng or random.Random()
         self.sleep = sleep
+        #: Prefix of this call's breaker keys, so that one routing config's failures do not open the
+        #: breakers of another's.
+        self.breaker_scope = breaker_scope
         #: Every try in order, skipped targets included.
         self.attempts: list[Attempt] = []
-        #: Retries made on the target that produced the final outcome.
+        #: Retries made on the target that produced the final outcome, once `run` has returned.
         self.retries_of_last = 0
 
     async def run(self) -> Outcome:
-        return await self._node(self.config)
+        outcome = await self._node(self.config)
+        self.retries_of_last = outcome.retries
+        return outcome
 
     def _model_of(self, leaf: Target) -> str | None:
         if leaf.model is not None:
@@ -156,10 +167,15 @@ class FallbackRun:
 
         statuses = node.on_status_codes or DEFAULT_FALLBACK_STATUSES
         outcome = Outcome(kind=SKIPPED, error="no target was tried")
+        # The last failure that upstream answered itself; it explains more than a target that was
+        # skipped or could not be prepared.
+        answered: Outcome | None = None
         for index, child in enumerate(node.targets):
             outcome = await self._node(child)
             if outcome.ok or not self._moves_fallback_on(outcome, statuses):
                 return outcome
+            if outcome.kind in (HTTP_ERROR, EARLY_ERROR):
+                answered = outcome
             if index + 1 < len(node.targets):
                 following = node.targets[index + 1]
                 logger.warning(
@@ -168,6 +184,8 @@ class FallbackRun:
                     following.option,
                     _describe(outcome),
                 )
+        if outcome.kind in (REJECTED, SKIPPED) and answered is not None:
+            return answered
         return outcome
 
     @staticmethod
@@ -193,15 +211,14 @@ class FallbackRun:
         if not target.is_leaf:
             return False
         provider = target.provider or self.default_provider
-        key = target_key(provider, self._model_of(target))
+        key = target_key(provider, self._model_of(target), self.breaker_scope)
         return self.breakers.is_unavailable(key)
 
     async def _leaf(self, leaf: Target) -> Outcome:
         provider = leaf.provider or self.default_provider
         model = self._model_of(leaf)
-        key = target_key(provider, model)
+        key = target_key(provider, model, self.breaker_scope)
         retries = leaf.retry.attempts if leaf.retry is not None else 0
-        self.retries_of_last = 0
 
         outcome = Outcome(kind=SKIPPED)
         for retry in range(retries + 1):
@@ -234,10 +251,10 @@ class FallbackRun:
                 self.breakers.release(key)
                 raise
             outcome.target = leaf
+            outcome.retries = retry
             latency = (time.monotonic() - started) * 1000.0
             sent = outcome.kind != REJECTED
             self.attempts.append(Attempt(leaf.option, provider.name, model, outcome.status, outcome.error, latency, sent))
-            self.retries_of_last = retry
 
             if outcome.ok or (outcome.kind == HTTP_ERROR and not counts_against_target(outcome)):
                 self.breakers.record_success(key)

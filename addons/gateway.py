@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import copy
+import hashlib
 import hmac
 import inspect
 import ipaddress
@@ -226,7 +227,8 @@ class Gateway:
         if route is not None:
             request.path = route.path
             if route.config is not None:
-                flow.metadata[CONFIG_KEY] = (route.config, route.route_name, route.default_provider)
+                key = _route_key(route.route_name, request.headers.get(CONFIG_HEADER, ""))
+                flow.metadata[CONFIG_KEY] = (route.config, route.route_name, route.default_provider, key)
         if listener == "base_url":
             call.metadata[TRACE_ID_KEY] = request.headers.get(TRACE_ID_HEADER, "").strip() or call.request_id
 
@@ -263,9 +265,10 @@ class Gateway:
             # The forward proxy honours a routing config in the header too; its targets that name no
             # provider keep the provider of the host the client called.
             try:
-                config, name = read_config(self.rules, request.headers.get(CONFIG_HEADER))
+                value = request.headers.get(CONFIG_HEADER)
+                config, name = read_config(self.rules, value)
                 if config is not None:
-                    flow.metadata[CONFIG_KEY] = (config, name, provider)
+                    flow.metadata[CONFIG_KEY] = (config, name, provider, _route_key(name, value))
             except RoutingError as e:
                 routing_error = routing_error or e
         if routing_error is not None:
@@ -353,11 +356,15 @@ class Gateway:
         if routing is None and self.rules.routes and call.provider is not None:
             route = self.rules.route_for(call.provider.name, call.model, call.project.name if call.project else None)
             if route is not None:
-                routing = (route.config, route.name, call.provider)
+                routing = (route.config, route.name, call.provider, f"route:{route.name}")
         if routing is None:
             return None
-        config, name, default = routing
+        config, name, default, key = routing
         call.route = name
+        if key.startswith("config:"):
+            # A config from the header is the project's own: its breakers and cache entries are too.
+            key = f"config:{call.project.name if call.project else '-'}:{key.removeprefix('config:')}"
+        call.route_key = key
         first = config.leaves()[0]
         if first.provider is not None and first.provider is not call.provider:
             # Policy plugins in tollhouse_request see the provider of the first target, and every
@@ -378,6 +385,7 @@ class Gateway:
             call.request_json.update(target.override_params)
             model = call.request_json.get("model")
             call.model = model if isinstance(model, str) else None
+            call.stream = call.request_json.get("stream") is True
             request.content = json.dumps(call.request_json, ensure_ascii=False, separators=(",", ":")).encode()
 
     @staticmethod
@@ -400,11 +408,13 @@ class Gateway:
             provider=call.provider,
             endpoint=call.endpoint,
             model=call.model,
+            stream=call.stream,
             request_json=call.request_json,
             rewrite_stream=call.rewrite_stream,
             metadata=dict(call.metadata),
         )
         job = RelayJob(call, config, default, prepare=lambda target: self.prepare_attempt(call, flow, base, target, default))
+        job.breaker_scope = call.route_key or ""
         token = self.relay.register(job)
         self._relay_tokens[call.request_id] = token
         flow.metadata[RELAY_KEY] = job
@@ -428,6 +438,7 @@ class Gateway:
         call.metadata.clear()
         call.metadata.update(base.metadata)
         call.request_json = copy.deepcopy(base.request_json)
+        call.stream = base.stream
         # A plugin that answered an earlier attempt (no key for its provider) does not answer this one.
         call.answered_by_gateway = False
         call.error = None
@@ -441,6 +452,7 @@ class Gateway:
             call.request_json.update(target.override_params)
             model = call.request_json.get("model")
             call.model = model if isinstance(model, str) else None
+            call.stream = call.request_json.get("stream") is True
             attempt.request.content = json.dumps(call.request_json, ensure_ascii=False, separators=(",", ":")).encode()
         try:
             self.pm.hook.tollhouse_upstream_request(call=call, flow=attempt)
@@ -511,6 +523,10 @@ class Gateway:
         call: Call | None = flow.metadata.pop(CALL_KEY, None)
         if call is None:
             return
+        job: RelayJob | None = flow.metadata.get(RELAY_KEY)
+        if job is not None and job.run is not None and call.attempts is None:
+            # The client left while the relay was still trying targets: log the attempts made so far.
+            call.attempts = [attempt.as_dict() for attempt in job.run.attempts]
         message = flow.error.msg if flow.error else "unknown error"
         if flow.response is not None and call.stream_finished:
             # The stream's final event had been sent; the OpenAI SDK closes its connection right
@@ -656,16 +672,24 @@ class _ObservingHooks:
 class _AttemptBase:
     """The request and call state after `tollhouse_request`, from which every attempt starts."""
 
-    __slots__ = ("request", "provider", "endpoint", "model", "request_json", "rewrite_stream", "metadata")
+    __slots__ = ("request", "provider", "endpoint", "model", "stream", "request_json", "rewrite_stream", "metadata")
 
-    def __init__(self, request, provider, endpoint, model, request_json, rewrite_stream, metadata):
+    def __init__(self, request, provider, endpoint, model, stream, request_json, rewrite_stream, metadata):
         self.request = request
         self.provider = provider
         self.endpoint = endpoint
         self.model = model
+        self.stream = stream
         self.request_json = copy.deepcopy(request_json)
         self.rewrite_stream = rewrite_stream
         self.metadata = metadata
+
+
+def _route_key(name: str | None, header_value: str) -> str:
+    """Return the routing config's identity: its route name, or a digest of the JSON sent in the header."""
+    if name is not None and name != CONFIG_HEADER:
+        return f"route:{name}"
+    return "config:" + hashlib.sha256(header_value.strip().encode()).hexdigest()[:16]
 
 
 def set_fallback_headers(call: Call, job: RelayJob, response: http.Response) -> None:

@@ -40,6 +40,7 @@ from addons.fallback import (
     CONNECT_ERROR,
     EARLY_ERROR,
     HTTP_ERROR,
+    INVALID_ANSWER,
     OK,
     REJECTED,
     SKIPPED,
@@ -121,6 +122,10 @@ class RelayJob:
     run: FallbackRun | None = None
     #: Why a forwarded stream ended early, or None.
     cut: str | None = None
+    #: Prefix of the circuit breaker keys: the call's `route_key`.
+    breaker_scope: str = ""
+    #: The target whose attempt set the call's state last.
+    prepared_target: Target | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -186,9 +191,11 @@ class Relay:
         if sock is not None:
             with suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        prefix = b""
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                head = prefix + await reader.readuntil(b"\r\n\r\n")
+                prefix = b""
                 headers = _parse_head(head)
                 length = headers.get("content-length", "0")
                 if length.isdigit() and int(length) > 0:
@@ -199,7 +206,9 @@ class Relay:
                     writer.write(_head(404, "Not Found", [("content-type", "text/plain")], len(body)) + body)
                     await writer.drain()
                     break
-                await self._respond(job, writer)
+                prefix = await self._respond_while_connected(job, reader, writer)
+                if prefix is None:
+                    break
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             # mitmproxy closed the connection: the client went away, or the gateway is stopping.
             pass
@@ -213,6 +222,40 @@ class Relay:
                 self._connections.discard(task)
             writer.close()
 
+    async def _respond_while_connected(
+        self, job: RelayJob, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes | None:
+        """Answer `job`, and stop its attempts when mitmproxy closes the connection (the client left).
+
+        Returns the bytes of the next request that arrived while watching, or None once the connection
+        is closed.
+        """
+        respond = asyncio.ensure_future(self._respond(job, writer))
+        watch = asyncio.ensure_future(reader.read(1))
+        await asyncio.wait({respond, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if respond.done():
+            if respond.exception() is not None:
+                watch.cancel()
+                respond.result()
+            if not watch.done():
+                # mitmproxy sends its next request only after this answer, so one byte may be waiting.
+                try:
+                    return await watch
+                finally:
+                    watch.cancel()
+            return watch.result() or None
+        # The connection ended while the call was still being tried: the client went away.
+        respond.cancel()
+        with suppress(asyncio.CancelledError):
+            await respond
+        finished = len(job.run.attempts) if job.run is not None else 0
+        logger.info(
+            "call %s: the client went away; stopped trying targets after %d finished attempt(s)",
+            job.call.request_id,
+            finished,
+        )
+        return None
+
     async def _respond(self, job: RelayJob, writer: asyncio.StreamWriter) -> None:
         call = job.call
         run = FallbackRun(
@@ -222,6 +265,7 @@ class Relay:
             self.settings,
             self.breakers,
             lambda target, retry: self._attempt(job, target),
+            breaker_scope=job.breaker_scope,
         )
         job.run = run
         try:
@@ -229,9 +273,14 @@ class Relay:
         finally:
             call.attempts = [attempt.as_dict() for attempt in run.attempts]
             job.done.set()
-        if outcome.target is not None:
-            call.served_by = outcome.target.option
         payload = outcome.payload
+        if isinstance(payload, (StreamAnswer, WholeAnswer)) and outcome.target is not None:
+            call.served_by = outcome.target.option
+            if outcome.target is not job.prepared_target:
+                # A later target could not be tried, and this earlier answer is sent: the call takes
+                # that attempt's state again (provider, translation) so the answer is read correctly.
+                job.served_flow = job.prepare(outcome.target)
+                job.prepared_target = outcome.target
         if isinstance(payload, StreamAnswer):
             await self._forward_stream(job, payload, writer)
             return
@@ -268,23 +317,26 @@ class Relay:
     async def _attempt(self, job: RelayJob, target: Target) -> Outcome:
         flow = job.prepare(target)
         job.served_flow = flow
+        job.prepared_target = target
         if flow.response is not None:
             # A plugin answered this attempt itself, for example because the gateway has no key for the
             # target's provider or cannot translate the request to its format.
             status = flow.response.status_code
             return Outcome(REJECTED, status=status, error=job.call.error or f"rejected with {status}", payload=flow.response)
-        provider = job.call.provider
-        return await self._send(flow.request, target.request_timeout, provider.api_format)
+        return await self._send(flow.request, target.request_timeout, job.call.provider)
 
-    async def _send(self, request: http.Request, timeout: float | None, api_format: str) -> Outcome:
+    async def _send(self, request: http.Request, timeout: float | None, provider: Provider) -> Outcome:
         assert self._client is not None
-        host = f"[{request.host}]" if ":" in request.host else request.host
-        url = f"{request.scheme}://{host}:{request.port}{request.path}"
+        api_format = provider.api_format
+        where = f"provider {provider.name!r}"
         headers = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() not in _HOP_HEADERS]
         response: UpstreamResponse | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout is not None else None
         try:
-            # request_timeout covers the connection, the response head and the first body bytes.
-            async with asyncio.timeout(timeout):
+            # request_timeout covers the connection, the response head and the first body bytes, and
+            # for a stream everything up to its first content event.
+            async with asyncio.timeout_at(deadline):
                 response = await self._client.request(
                     request.method, request.scheme, request.host, request.port, request.path, headers,
                     request.raw_content or b"",
@@ -294,7 +346,7 @@ class Relay:
             headers_out = [(k, v) for k, v in response.headers if k.lower() not in _DROPPED_RESPONSE_HEADERS]
             is_stream = (response.header("content-type") or "").startswith("text/event-stream")
             if response.status < 400 and is_stream:
-                return await self._peek_stream(response, headers_out, chunks, first, api_format)
+                return await self._peek_stream(response, headers_out, chunks, first, api_format, deadline, timeout, where)
 
             # A JSON answer or an error is read whole, so that a body cut halfway can still fall back.
             parts = [first]
@@ -303,6 +355,12 @@ class Relay:
             await response.aclose()
             body = b"".join(parts)
             answer = WholeAnswer(response.status, response.reason, headers_out, body)
+            if response.status < 400 and not _is_json(body):
+                # A 200 with an empty or non-JSON body (an HTML page, a cut JSON document) is no answer.
+                return Outcome(
+                    INVALID_ANSWER,
+                    error=f"{where} answered {response.status} with a body that is not JSON ({len(body)} bytes)",
+                )
             if response.status >= 400:
                 return Outcome(
                     HTTP_ERROR,
@@ -314,10 +372,13 @@ class Relay:
             return Outcome(OK, status=response.status, payload=answer)
         except TimeoutError:
             await _close(response)
-            return Outcome(TIMEOUT, error=f"no first byte from {url} within {timeout:g} s (request_timeout)")
+            return Outcome(TIMEOUT, error=f"no first byte from {where} within {timeout:g} s (request_timeout)")
         except UpstreamError as e:
             await _close(response)
-            return Outcome(CONNECT_ERROR, error=f"{url}: {e}")
+            return Outcome(CONNECT_ERROR, error=f"{where}: {e}")
+        except asyncio.CancelledError:
+            await _close(response)
+            raise
 
     async def _peek_stream(
         self,
@@ -326,6 +387,9 @@ class Relay:
         chunks: AsyncIterator[bytes],
         first: bytes,
         api_format: str,
+        deadline: float | None,
+        timeout: float | None,
+        where: str,
     ) -> Outcome:
         """Hold a stream back until its first content event or an error event, and decide the attempt."""
         reader = SSEReader()
@@ -345,14 +409,24 @@ class Relay:
                     if verdict == "content":
                         answer = StreamAnswer(response.status, response.reason, headers, held, reader, chunks, response, api_format)
                         return Outcome(OK, status=response.status, payload=answer)
-                if not chunk or held_bytes > _MAX_PEEK_BYTES:
-                    # The stream ended, or sent a lot without content: forward what there is.
+                if not chunk:
+                    await _close(response)
+                    return Outcome(INVALID_ANSWER, error=f"{where} ended its stream without any content")
+                if held_bytes > _MAX_PEEK_BYTES:
+                    # A lot of stream without content or error: forward it rather than hold it longer.
                     answer = StreamAnswer(response.status, response.reason, headers, held, reader, chunks, response, api_format)
                     return Outcome(OK, status=response.status, payload=answer)
-                chunk = await anext(chunks, b"")
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, b"")
+        except TimeoutError:
+            await _close(response)
+            return Outcome(TIMEOUT, error=f"no content from {where} within {timeout:g} s (request_timeout)")
         except UpstreamError as e:
             await _close(response)
-            return Outcome(CONNECT_ERROR, error=f"stream broke before its first content: {e}")
+            return Outcome(CONNECT_ERROR, error=f"{where}: stream broke before its first content: {e}")
+        except asyncio.CancelledError:
+            await _close(response)
+            raise
 
     async def _forward_stream(self, job: RelayJob, answer: StreamAnswer, writer: asyncio.StreamWriter) -> None:
         """Send the stream to mitmproxy event by event, and close it with an error event if upstream breaks."""
@@ -406,6 +480,14 @@ def _is_empty_chat_chunk(chunk) -> bool:
     if choice.get("finish_reason") is not None or not isinstance(delta, dict):
         return False
     return not delta.get("content") and not delta.get("tool_calls") and not delta.get("refusal")
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
 
 
 def _event_error(event: SSEEvent) -> str:

@@ -36,6 +36,10 @@ DEFAULT_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 MAX_RETRY_ATTEMPTS = 5
 #: Upper bound of targets in one config, nested ones included.
 MAX_TARGETS = 32
+#: Upper bound of nested `targets` levels below the top of a config.
+MAX_DEPTH = 8
+#: Upper bound of `request_timeout`, in milliseconds (one hour).
+MAX_REQUEST_TIMEOUT_MS = 3_600_000
 
 # Members of a config object. Portkey members that tollhouse does not act on (`cache`, `virtual_key`,
 # `api_key`, `name`) are accepted and ignored, so that existing configs load; the provider keys always
@@ -198,6 +202,8 @@ def _parse_node(
 ) -> Target:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where} must be an object, got {spec!r}")
+    if option.count(".targets[") > MAX_DEPTH:
+        raise ConfigError(f"{where} is nested too deeply; a config may nest targets at most {MAX_DEPTH} levels")
     unknown = sorted(str(name) for name in spec if name not in _MEMBERS)
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]} is not a config member; accepted members: {', '.join(sorted(_MEMBERS))}")
@@ -320,6 +326,8 @@ def _timeout(value: Any, where: str) -> float:
     # Portkey gives request_timeout in milliseconds.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{where} must be a positive number of milliseconds, got {value!r}")
+    if value > MAX_REQUEST_TIMEOUT_MS:
+        raise ConfigError(f"{where} must be at most {MAX_REQUEST_TIMEOUT_MS} milliseconds (one hour), got {value!r}")
     return float(value) / 1000.0
 
 
@@ -344,7 +352,7 @@ def parse_match(spec: Any, where: str, providers: dict[str, Provider], projects:
             raise ConfigError(f"{where}.{key} must be a name or a list of names, got {value!r}")
         for name in values:
             if known is not None and name not in known:
-                raise ConfigError(f"{where}.{key} {name!r} is not in the rules. Use one of: {', '.join(known)}")
+                raise ConfigError(f"{where}.{key} is not in the rules", value=name, fix=f"Use one of: {', '.join(known)}.")
         return tuple(values)
 
     match = RouteMatch(providers=names("provider", providers), models=names("model", None), projects=names("project", projects))

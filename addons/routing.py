@@ -224,7 +224,7 @@ def read_config(rules: Rules, value: str | None) -> tuple[Target | None, str | N
     try:
         return parse_config(config, rules.providers), CONFIG_HEADER
     except ConfigError as e:
-        raise RoutingError(f"tollhouse: {CONFIG_HEADER}: {e}.") from e
+        raise RoutingError(f"tollhouse: {CONFIG_HEADER}: {str(e).rstrip('.')}.") from e
 
 
 def read_portkey_metadata(value: str | None) -> dict[str, str]:

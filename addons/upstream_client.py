@@ -86,7 +86,7 @@ class UpstreamResponse:
         while True:
             try:
                 event = await self._client._next_event(connection)
-            except UpstreamError:
+            except (UpstreamError, asyncio.CancelledError):
                 self.aclose_now()
                 raise
             if isinstance(event, h11.Data):
@@ -215,6 +215,14 @@ class UpstreamClient:
         return _Connection(reader, writer, origin)
 
     async def _exchange(self, connection: _Connection, request: h11.Request, body: bytes) -> UpstreamResponse:
+        try:
+            return await self._send_and_read_head(connection, request, body)
+        except asyncio.CancelledError:
+            # The caller gave up (a timeout, a client that left): the connection is mid-exchange.
+            connection.close()
+            raise
+
+    async def _send_and_read_head(self, connection: _Connection, request: h11.Request, body: bytes) -> UpstreamResponse:
         try:
             data = connection.h11.send(request) + connection.h11.send(h11.Data(data=body)) + connection.h11.send(h11.EndOfMessage())
             connection.writer.write(data)

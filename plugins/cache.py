@@ -58,7 +58,7 @@ _UNSTORED_HEADERS = {
     "content-length", "transfer-encoding", "content-encoding", "connection", "keep-alive", "date", "set-cookie",
     "x-tollhouse-request-id", *STATUS_HEADERS,
 }
-_UNSTORED_PREFIX = "x-portkey-"
+_UNSTORED_PREFIXES = ("x-portkey-", "x-tollhouse-")
 
 # Final events of a complete stream: OpenAI Chat Completions, Anthropic Messages, OpenAI Responses.
 _FINAL_EVENTS = {"message_stop", "response.completed"}
@@ -146,7 +146,8 @@ def tollhouse_request(call: Call, flow: http.HTTPFlow):
     key = cache_key(
         namespace=settings.namespace,
         provider=provider,
-        target=target,
+        # A routing config decides which targets may answer, so its identity is part of the key.
+        target=target if call.route_key is None else f"{target} {call.route_key}",
         path=path,
         model=call.model,
         body=call.request_json,
@@ -300,7 +301,7 @@ def tollhouse_response(call: Call, flow: http.HTTPFlow) -> None:
     headers = tuple(
         (name, value)
         for name, value in response.headers.items(multi=True)
-        if name.lower() not in _UNSTORED_HEADERS and not name.lower().startswith(_UNSTORED_PREFIX)
+        if name.lower() not in _UNSTORED_HEADERS and not name.lower().startswith(_UNSTORED_PREFIXES)
     )
     call.metadata[_PENDING] = (response.status_code, headers, body)
 

@@ -900,9 +900,13 @@ def test_retries_of_last_after_skip():
         breakers=breakers,
     )
 
-    assert result.outcome.kind == SKIPPED
-    assert result.outcome.target.option == SECOND
-    assert result.run.retries_of_last == 0
+    # The second target was skipped, so the first target's own last answer (after its one retry) is
+    # the one sent to the client, with that target's retry count.
+    assert result.outcome.kind == HTTP_ERROR
+    assert result.outcome.status == 500
+    assert result.outcome.target.option == FIRST
+    assert result.run.retries_of_last == 1
+    assert [a.sent for a in result.run.attempts] == [True, True, False]
 
 
 def test_loadbalance_during_probe():

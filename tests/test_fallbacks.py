@@ -13,6 +13,8 @@ import socket
 import ssl
 import struct
 import threading
+import time
+import uuid
 from decimal import Decimal
 
 import anthropic
@@ -391,7 +393,7 @@ def test_connection_refused_falls_back(via_proxy):
     attempts = json.loads(row["attempts"])
     assert (attempts[0]["provider"], attempts[0]["status"]) == ("dead", None)
     assert re.fullmatch(
-        r"http://127\.0\.0\.1:(\d+)/v1/chat/completions: connection to 127\.0\.0\.1:\1 failed: "
+        r"provider 'dead': connection to 127\.0\.0\.1:(\d+) failed: "
         r"Connect call failed \('127\.0\.0\.1', \1\)",
         attempts[0]["error"],
     )
@@ -416,8 +418,7 @@ def test_first_byte_timeout_falls_back(via_proxy):
     assert raw.parse().model.startswith("gpt-4o")
     row = via_proxy.wait_row(raw.headers["x-tollhouse-request-id"])
     attempts = json.loads(row["attempts"])
-    assert attempts[0]["error"].startswith("no first byte from http://127.0.0.1:")
-    assert attempts[0]["error"].endswith(" within 0.3 s (request_timeout)")
+    assert attempts[0]["error"] == "no first byte from provider 'openai' within 0.3 s (request_timeout)"
     assert attempts[0]["status"] is None
     assert (attempts[1]["model"], attempts[1]["status"]) == (GPT, 200)
 
@@ -628,7 +629,7 @@ def test_breaker_skips_failing_target(bgw, monkeypatch):
     row = bgw.wait_row(raw.headers["x-tollhouse-request-id"])
     attempts = json.loads(row["attempts"])
     assert (attempts[0]["model"], attempts[0]["sent"], attempts[0]["status"]) == ("gpt-4o-mini", False, None)
-    assert attempts[0]["error"].startswith("circuit breaker open for openai/gpt-4o-mini; next probe in ")
+    assert attempts[0]["error"].startswith("circuit breaker open for route:guarded openai/gpt-4o-mini; next probe in ")
     assert (attempts[1]["model"], attempts[1]["status"]) == (GPT, 200)
     assert row["attempt_count"] == 1
 
@@ -850,3 +851,240 @@ routes:
         ).fetchone()
     assert (status, error) == (200, None)
     assert [a["status"] for a in json.loads(attempts)] == [529, 200]
+
+
+# -- what an impatient client, a slow stream, a bad answer and shared state must not break -----------
+
+
+class BadAnswerServer:
+    """A loopback server answering 200 with an HTML page, or for a stream request with an empty stream."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(5)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data:
+                        data += connection.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                    while len(body) < length:
+                        body += connection.recv(65536)
+                except (OSError, AttributeError):
+                    continue
+                self.requests += 1
+                if b'"stream":true' in body.replace(b" ", b""):
+                    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\n\r\n"
+                else:
+                    page = b"<html><body>maintenance</body></html>"
+                    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n%s" % (len(page), page)
+                connection.sendall(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def bad_answer_server():
+    server = BadAnswerServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def cgw(fake, bad_answer_server, slow_fake, tmp_path_factory):
+    """A gateway with the response cache on, a provider that answers garbage and a slow one."""
+    extra = f"""\
+  garbage:
+    kind: openai-compatible
+    base_url: http://127.0.0.1:{bad_answer_server.port}
+    key_env: OPENAI_API_KEY
+    price_provider: openai
+  slow-openai:
+    kind: openai-compatible
+    base_url: http://127.0.0.1:{slow_fake.port}
+    key_env: OPENAI_API_KEY
+    price_provider: openai
+"""
+    policy = """
+fallbacks:
+  backoff_initial: 0.01
+  retry_after_max: 30
+cache:
+  enabled: true
+"""
+    rules = rules_text(fake.port, cache=policy).replace("providers:\n", "providers:\n" + extra, 1)
+    process = start_gateway(tmp_path_factory.mktemp("careful"), rules, GATEWAY_ENV)
+    yield process
+    process.stop()
+
+
+def base_url_openai(gw):
+    return openai.OpenAI(api_key=ALPHA_KEY, base_url=f"{gw.base_url}/v1", max_retries=0, timeout=20.0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_garbage_answer_falls_back(cgw, stream):
+    config = json.dumps({"strategy": {"mode": "fallback"}, "targets": [{"provider": "garbage"}, {"provider": "openai"}]})
+    headers = {"x-portkey-config": config, "x-fake-text": "real%20answer", "cache-control": "no-store"}
+    client = base_url_openai(cgw)
+    if stream:
+        response = client.chat.completions.create(model=GPT, messages=MESSAGES, stream=True, extra_headers=headers)
+        text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+        response_headers = response.response.headers
+    else:
+        raw = client.chat.completions.with_raw_response.create(model=GPT, messages=MESSAGES, extra_headers=headers)
+        text, response_headers = raw.parse().choices[0].message.content, raw.headers
+    assert text == "real answer"
+    row = cgw.wait_row(response_headers["x-tollhouse-request-id"])
+    first = json.loads(row["attempts"])[0]
+    assert (first["provider"], first["status"]) == ("garbage", None)
+    if stream:
+        assert first["error"] == "provider 'garbage' ended its stream without any content"
+    else:
+        assert first["error"] == "provider 'garbage' answered 200 with a body that is not JSON (37 bytes)"
+
+
+def test_request_timeout_covers_first_content(cgw):
+    # The slow fake pauses 50 ms between writes, so its first content event comes after the first
+    # bytes but well after 150 ms.
+    config = json.dumps({
+        "strategy": {"mode": "fallback"},
+        "targets": [{"provider": "slow-openai", "request_timeout": 150}, {"provider": "openai"}],
+    })
+    response = base_url_openai(cgw).chat.completions.create(
+        model=GPT, messages=MESSAGES, stream=True,
+        extra_headers={"x-portkey-config": config, "x-fake-text": "word%20" * 5, "cache-control": "no-store"},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+    assert text == "word " * 5
+    row = cgw.wait_row(response.response.headers["x-tollhouse-request-id"])
+    first = json.loads(row["attempts"])[0]
+    assert first["error"] == "no content from provider 'slow-openai' within 0.15 s (request_timeout)"
+    assert row["served_by"] == "config.targets[1]"
+
+
+def test_client_leaving_stops_retries(cgw, fake):
+    marker = uuid.uuid4().hex
+    config = json.dumps({"provider": "openai", "retry": {"attempts": 3}})
+    client = openai.OpenAI(api_key=ALPHA_KEY, base_url=f"{cgw.base_url}/v1", max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(
+            model=GPT, messages=[{"role": "user", "content": marker}],
+            extra_headers={"x-portkey-config": config, "x-fault": "status:429, retry-after:2", "cache-control": "no-store"},
+        )
+    rows = wait_rows(cgw, "route = 'x-portkey-config' AND error LIKE '%Client disconnected%'")
+    row = rows[-1]
+    assert [(a["status"], a["sent"]) for a in json.loads(row["attempts"])] == [(429, True)]
+    # The relay stopped when the client left: upstream got the first request and no retry.
+    time.sleep(2.5)
+    assert sum(1 for request in fake.received if marker.encode() in request.body) == 1
+    assert f"call {row['request_id']}: the client went away; stopped trying targets after 1 finished attempt(s)" in cgw.stderr()
+
+
+def wait_rows(gw, where: str, timeout: float = 15.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = gw.rows(where)
+        if rows:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"no row where {where} after {timeout} s")
+
+
+def test_count_tokens_keeps_upstream_error(cgw):
+    config = json.dumps({
+        "strategy": {"mode": "fallback"},
+        "targets": [{"provider": "anthropic", "model": CLAUDE}, {"provider": "openai", "model": GPT}],
+    })
+    client = anthropic.Anthropic(api_key=ALPHA_KEY, base_url=cgw.base_url, max_retries=0, timeout=20.0)
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        client.messages.count_tokens(
+            model=CLAUDE, messages=MESSAGES,
+            extra_headers={"x-portkey-config": config, "x-fault": f"status:529, model:{CLAUDE}"},
+        )
+    # The OpenAI target cannot count Anthropic tokens; the client gets Anthropic's own 529, not a 400.
+    assert raised.value.status_code == 529
+    assert raised.value.response.json()["error"]["type"] == "overloaded_error"
+    row = cgw.wait_row(raised.value.response.headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert [(a["provider"], a["status"], a["sent"]) for a in attempts] == [("anthropic", 529, True), ("openai", 400, False)]
+    assert (row["provider"], row["served_by"], row["status"]) == ("anthropic", "config.targets[0]", 529)
+
+
+def test_cache_key_includes_routing_config(cgw):
+    marker = uuid.uuid4().hex
+    messages = [{"role": "user", "content": marker}]
+    config_a = json.dumps({"strategy": {"mode": "fallback"}, "targets": [{"provider": "anthropic", "model": CLAUDE}, {"provider": "openai", "model": GPT}]})
+    config_b = json.dumps({"strategy": {"mode": "fallback"}, "targets": [{"provider": "anthropic", "model": "claude-haiku-4-5"}, {"provider": "openai", "model": "gpt-4.1"}]})
+    client = base_url_openai(cgw)
+
+    def call(config: str):
+        raw = client.chat.completions.with_raw_response.create(
+            model="x", messages=messages, extra_headers={"x-portkey-config": config, "x-fault": "status:529, kind:anthropic"},
+        )
+        return raw.parse(), raw.headers
+
+    first, first_headers = call(config_a)
+    other, other_headers = call(config_b)
+    again, again_headers = call(config_a)
+
+    assert first_headers["x-tollhouse-cache"] == "MISS"
+    assert first.model.startswith(GPT)
+    assert other_headers["x-tollhouse-cache"] == "MISS"
+    assert other.model.startswith("gpt-4.1")
+    assert again_headers["x-tollhouse-cache"] == "HIT"
+    assert again.model == first.model
+    # A hit was not routed at all: no attempt headers are replayed from the stored answer.
+    assert "x-tollhouse-attempts" not in again_headers
+    assert "x-tollhouse-served-by" not in again_headers
+
+
+def test_deep_config_is_400(fgw):
+    config: dict = {"provider": "openai"}
+    for _ in range(600):
+        config = {"strategy": {"mode": "fallback"}, "targets": [config]}
+    with pytest.raises(openai.BadRequestError) as raised:
+        base_url_openai(fgw).chat.completions.create(
+            model=GPT, messages=MESSAGES, extra_headers={"x-portkey-config": json.dumps(config)},
+        )
+    assert raised.value.body["message"] == (
+        "tollhouse: x-portkey-config: config.targets[0].targets[0].targets[0].targets[0].targets[0].targets[0]"
+        ".targets[0].targets[0].targets[0] is nested too deeply; a config may nest targets at most 8 levels."
+    )
+    row = fgw.wait_row(raised.value.response.headers["x-tollhouse-request-id"])
+    assert row["status"] == 400
+
+
+def test_header_config_does_not_open_route_breaker():
+    from addons.breaker import CircuitBreakers
+    from addons.fallback import target_key
+    from addons.rules import parse_rules
+    from pathlib import Path
+
+    rules = parse_rules(
+        {"providers": {"openai": {"kind": "openai", "base_url": "https://api.openai.com", "key_env": "K"}},
+         "projects": {"alpha": {"key_env": "A"}}},
+        base_dir=Path("/nonexistent"),
+    )
+    breakers = CircuitBreakers(failures=2, cooldown=30, clock=lambda: 0.0)
+    openai_provider = rules.providers["openai"]
+    own = target_key(openai_provider, GPT, "config:alpha:0123456789abcdef")
+    shared = target_key(openai_provider, GPT, "route:guarded")
+    breakers.record_failure(own)
+    breakers.record_failure(own)
+    assert breakers.is_open(own)
+    assert not breakers.is_open(shared)
+    assert breakers.acquire(shared)

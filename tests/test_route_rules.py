@@ -757,14 +757,14 @@ def test_unknown_match_project():
     error = rules_error(routes={"r": {"match": {"project": "gamma"}, "provider": "openai"}})
 
     assert error.key == "routes.r.match.project"
-    assert "'gamma' is not in the rules. Use one of: alpha, beta" in str(error)
+    assert str(error) == "routes.r.match.project: is not in the rules (got 'gamma'). Use one of: alpha, beta."
 
 
 def test_unknown_match_provider():
     error = rules_error(routes={"r": {"match": {"provider": ["openai", "mistral"]}, "provider": "openai"}})
 
     assert error.key == "routes.r.match.provider"
-    assert "'mistral' is not in the rules" in str(error)
+    assert str(error) == "routes.r.match.provider: is not in the rules (got 'mistral'). Use one of: openai, anthropic, azure-east, groq."
 
 
 @pytest.mark.parametrize(
@@ -817,3 +817,26 @@ def test_parse_match_directly(providers):
     assert match == RouteMatch(providers=("openai",), models=(GPT, "gpt-4o-mini"), projects=())
     assert match.matches("openai", "gpt-4o-mini", "anything") is True
     assert match.matches("openai", "gpt-4.1", "anything") is False
+
+
+def test_nesting_limit(providers):
+    spec: dict = {"provider": "openai"}
+    for _ in range(8):
+        spec = {"strategy": {"mode": "fallback"}, "targets": [spec]}
+    assert len(parse_config(spec, providers).leaves()) == 1
+
+    deeper = {"strategy": {"mode": "fallback"}, "targets": [spec]}
+    error = config_error(deeper, providers)
+    assert error.path == "config" + ".targets[0]" * 9
+    assert error.problem == "is nested too deeply; a config may nest targets at most 8 levels"
+
+
+@pytest.mark.parametrize("timeout", [3_600_001, 1e308])
+def test_request_timeout_limit(providers, timeout):
+    error = config_error({"provider": "openai", "request_timeout": timeout}, providers)
+    assert error.path == "config.request_timeout"
+    assert error.problem == f"must be at most 3600000 milliseconds (one hour), got {timeout!r}"
+
+
+def test_request_timeout_at_limit(providers):
+    assert parse_config({"provider": "openai", "request_timeout": 3_600_000}, providers).request_timeout == 3600.0
