@@ -70,6 +70,8 @@ CALL_KEY = "tollhouse.call"
 CONFIG_KEY = "tollhouse.routing_config"
 #: Key of `flow.metadata` with the `RelayJob` of a call that the relay answers.
 RELAY_KEY = "tollhouse.relay_job"
+#: Key of `flow.metadata` with the option name of the one config target a direct call was sent to.
+TARGET_OPTION_KEY = "tollhouse.target_option"
 #: Key of `call.metadata` with the trace id sent back in `x-portkey-trace-id` (base-URL listener only).
 TRACE_ID_KEY = "routing.trace_id"
 
@@ -380,7 +382,7 @@ class Gateway:
         if provider is not call.provider or (request.host, request.port) != provider.address:
             self._point_at(request, provider, call.path)
         call.provider = provider
-        call.served_by = target.option
+        flow.metadata[TARGET_OPTION_KEY] = target.option
         if target.override_params and call.request_json is not None:
             call.request_json.update(target.override_params)
             model = call.request_json.get("model")
@@ -470,11 +472,15 @@ class Gateway:
         call.status = response.status_code
         response.headers["x-tollhouse-request-id"] = call.request_id
         job: RelayJob | None = flow.metadata.get(RELAY_KEY)
+        option = flow.metadata.get(TARGET_OPTION_KEY)
         if job is not None:
             set_fallback_headers(call, job, response)
-        elif call.served_by is not None:
+        elif option is not None and not call.answered_by_gateway:
+            # A config with one target that mitmproxy called directly, and upstream answered.
+            call.served_by = option
             response.headers["x-tollhouse-attempts"] = "1"
-            response.headers["x-portkey-last-used-option-index"] = call.served_by
+            response.headers["x-tollhouse-served-by"] = option
+            response.headers["x-portkey-last-used-option-index"] = option
             response.headers["x-portkey-retry-attempt-count"] = "0"
         set_portkey_headers(call, response)
         if call.answered_by_gateway:

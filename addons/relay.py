@@ -355,7 +355,7 @@ class Relay:
             await response.aclose()
             body = b"".join(parts)
             answer = WholeAnswer(response.status, response.reason, headers_out, body)
-            if response.status < 400 and not _is_json(body):
+            if 200 <= response.status < 300 and not _is_json(body):
                 # A 200 with an empty or non-JSON body (an HTML page, a cut JSON document) is no answer.
                 return Outcome(
                     INVALID_ANSWER,

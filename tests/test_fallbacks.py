@@ -1088,3 +1088,24 @@ def test_header_config_does_not_open_route_breaker():
     assert breakers.is_open(own)
     assert not breakers.is_open(shared)
     assert breakers.acquire(shared)
+
+
+def test_single_target_config_goes_direct(fgw):
+    client = base_url_openai(fgw)
+    raw = client.chat.completions.with_raw_response.create(
+        model="x", messages=MESSAGES, extra_headers={"x-portkey-config": json.dumps({"provider": "openai", "model": GPT})},
+    )
+    assert raw.headers["x-portkey-last-used-option-index"] == "config"
+    assert raw.headers["x-tollhouse-served-by"] == "config"
+    assert raw.headers["x-tollhouse-attempts"] == "1"
+    row = fgw.wait_row(raw.headers["x-tollhouse-request-id"])
+    assert (row["served_by"], row["attempt_count"], row["attempts"], row["model"]) == ("config", 1, None, GPT)
+
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(
+            model=GPT, messages=MESSAGES, extra_headers={"x-portkey-config": json.dumps({"provider": "dead"})},
+        )
+    assert raised.value.status_code == 502
+    assert "x-portkey-last-used-option-index" not in raised.value.response.headers
+    failed = wait_rows(fgw, "provider = 'dead' AND attempts IS NULL")[-1]
+    assert (failed["status"], failed["served_by"]) == (502, None)
