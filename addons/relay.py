@@ -69,10 +69,11 @@ _HOP_HEADERS = {
 }
 # Response headers dropped on the way back: the client decodes the body, so its coding and length change.
 _DROPPED_RESPONSE_HEADERS = _HOP_HEADERS | {"content-encoding"}
-# Bytes of a stream held back while waiting for its first content event; a stream that has sent this
+# Bytes of a stream held back while waiting for its first content event. A stream that has sent this
 # much without content or error is forwarded as it is.
 _MAX_PEEK_BYTES = 256 * 1024
-# Seconds an upstream read may stall once the answer has started (mitmproxy itself waits without a limit).
+# Seconds an upstream read may stall before the relay gives up on it. It equals mitmproxy's default
+# tcp_timeout, after which mitmproxy closes an idle client connection anyway.
 _IDLE_READ_TIMEOUT = 600.0
 # Largest request head that the relay reads from mitmproxy.
 _MAX_HEAD_BYTES = 64 * 1024
@@ -273,6 +274,7 @@ class Relay:
         finally:
             call.attempts = [attempt.as_dict() for attempt in run.attempts]
             job.done.set()
+
         payload = outcome.payload
         if isinstance(payload, (StreamAnswer, WholeAnswer)) and outcome.target is not None:
             call.served_by = outcome.target.option
@@ -281,6 +283,7 @@ class Relay:
                 # that attempt's state again (provider, translation) so the answer is read correctly.
                 job.served_flow = job.prepare(outcome.target)
                 job.prepared_target = outcome.target
+
         if isinstance(payload, StreamAnswer):
             await self._forward_stream(job, payload, writer)
             return
@@ -288,6 +291,7 @@ class Relay:
             writer.write(_head(payload.status, payload.reason, payload.headers, len(payload.body)) + payload.body)
             await writer.drain()
             return
+
         # No upstream answer to forward: the gateway answers in the client's format.
         response = payload if isinstance(payload, http.Response) else self._gateway_error(call, outcome)
         call.answered_by_gateway = True
