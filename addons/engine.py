@@ -209,8 +209,11 @@ async def serve(rules: Rules, overrides: Callable[[Rules], Rules] | None = None)
         # Shutdown cancels the handlers of idle keep-alive connections, and asyncio reports each one
         # as an error; they are expected here.
         logging.getLogger("asyncio").addFilter(_drop_cancelled)
-        # Close the relay's upstream connection pool; calls still in flight are cut here as everywhere.
+        # Close the relay: its streams still in flight end with an error event, which mitmproxy gets a
+        # moment to pass on before it shuts down.
         await gateway.relay.close()
+        if gateway.in_flight:
+            await asyncio.sleep(0.2)
         master.shutdown()
 
     loop = asyncio.get_running_loop()

@@ -77,6 +77,10 @@ _MAX_PEEK_BYTES = 256 * 1024
 _IDLE_READ_TIMEOUT = 600.0
 # Largest request head that the relay reads from mitmproxy.
 _MAX_HEAD_BYTES = 64 * 1024
+# Messages of the error event that ends a forwarded stream early.
+_CUT_MESSAGE = "The upstream stream ended before the response was complete."
+_SHUTDOWN_MESSAGE = "The gateway is shutting down and ended the response early."
+
 # Stream events that come before any content and do not decide an attempt. An Anthropic
 # content_block_start carries no text yet; the Responses events announce an item before its deltas.
 _PRELUDE_EVENTS = {
@@ -233,7 +237,15 @@ class Relay:
         """
         respond = asyncio.ensure_future(self._respond(job, writer))
         watch = asyncio.ensure_future(reader.read(1))
-        await asyncio.wait({respond, watch}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({respond, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The relay is closing (the gateway stops): end the call's stream with an error event.
+            watch.cancel()
+            respond.cancel()
+            with suppress(asyncio.CancelledError):
+                await respond
+            raise
         if respond.done():
             if respond.exception() is not None:
                 watch.cancel()
@@ -452,9 +464,14 @@ class Relay:
             except UpstreamError as e:
                 job.cut = f"upstream stream broke after content was sent: {e}"
                 logger.warning("call %s: %s", job.call.request_id, job.cut)
-                writer.write(_chunk(_stream_error_event(answer.api_format, job.call.endpoint)))
+                writer.write(_chunk(_stream_error_event(answer.api_format, job.call.endpoint, _CUT_MESSAGE)))
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+        except asyncio.CancelledError:
+            job.cut = "the gateway stopped before the stream ended"
+            event = _stream_error_event(answer.api_format, job.call.endpoint, _SHUTDOWN_MESSAGE)
+            writer.write(_chunk(event) + b"0\r\n\r\n")
+            raise
         finally:
             await answer.response.aclose()
 
@@ -502,9 +519,8 @@ def _event_error(event: SSEEvent) -> str:
     return "error event before any content"
 
 
-def _stream_error_event(api_format: str, endpoint: str) -> bytes:
-    """Return an error event in the provider's stream format, for a stream that upstream broke off."""
-    message = "The upstream stream ended before the response was complete."
+def _stream_error_event(api_format: str, endpoint: str, message: str) -> bytes:
+    """Return an error event in the provider's stream format, for a stream that ends early."""
     if api_format == "anthropic":
         data = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"

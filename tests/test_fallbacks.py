@@ -1109,3 +1109,41 @@ def test_single_target_config_goes_direct(fgw):
     assert "x-portkey-last-used-option-index" not in raised.value.response.headers
     failed = wait_rows(fgw, "provider = 'dead' AND attempts IS NULL")[-1]
     assert (failed["status"], failed["served_by"]) == (502, None)
+
+
+def test_sigterm_past_grace_ends_relayed_stream(tmp_path, monkeypatch, slow_fake):
+    import signal
+
+    rules = rules_text(slow_fake.port, routes=f"""
+routes:
+  retried:
+    match: {{provider: anthropic, model: {CLAUDE}}}
+    retry: {{attempts: 1}}
+    provider: anthropic
+""").replace("shutdown_grace: 20", "shutdown_grace: 1")
+    gateway = start_gateway(tmp_path / "gateway", rules, GATEWAY_ENV)
+    try:
+        use_gateway(gateway, monkeypatch)
+        stream = anthropic_client().messages.create(
+            model=CLAUDE, max_tokens=500, messages=MESSAGES, stream=True,
+            extra_headers={"x-fake-text": "word%20" * 400},
+        )
+        request_id = stream.response.headers["x-tollhouse-request-id"]
+        gateway.process.send_signal(signal.SIGTERM)
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            for _ in stream:
+                pass
+        exit_code = gateway.process.wait(timeout=30)
+    finally:
+        if gateway.process.poll() is None:
+            gateway.stop(signal.SIGKILL)
+
+    assert exit_code == 0
+    assert "The gateway is shutting down and ended the response early." in str(raised.value)
+    from addons.logstore import connect_readonly
+
+    with connect_readonly(gateway.database, timeout=10.0) as con:
+        status, error, flag = con.execute(
+            "SELECT status, error, price_flag FROM requests WHERE request_id = ?", [request_id]
+        ).fetchone()
+    assert (status, error, flag) == (200, "the gateway stopped before the stream ended", "partial")
