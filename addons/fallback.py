@@ -140,11 +140,21 @@ class FallbackRun:
         self.attempts: list[Attempt] = []
         #: Retries made on the target that produced the final outcome, once `run` has returned.
         self.retries_of_last = 0
+        # The attempt whose request is out: (leaf, provider name, model, monotonic start).
+        self._in_flight: tuple[Target, str, str | None, float] | None = None
 
     async def run(self) -> Outcome:
         outcome = await self._node(self.config)
         self.retries_of_last = outcome.retries
         return outcome
+
+    def attempts_so_far(self, why: str) -> list[Attempt]:
+        """Return the finished attempts, and the one in flight with `why` as its error."""
+        attempts = list(self.attempts)
+        if self._in_flight is not None:
+            leaf, provider, model, started = self._in_flight
+            attempts.append(Attempt(leaf.option, provider, model, None, why, (time.monotonic() - started) * 1000.0))
+        return attempts
 
     def _model_of(self, leaf: Target) -> str | None:
         if leaf.model is not None:
@@ -245,11 +255,14 @@ class FallbackRun:
                 return outcome
 
             started = time.monotonic()
+            self._in_flight = (leaf, provider.name, model, started)
             try:
                 outcome = await self.send(leaf, retry)
             except BaseException:
                 self.breakers.release(key)
                 raise
+            finally:
+                self._in_flight = None
             outcome.target = leaf
             outcome.retries = retry
             latency = (time.monotonic() - started) * 1000.0

@@ -294,6 +294,9 @@ class Gateway:
             except (ValueError, UnicodeDecodeError) as e:
                 self._reject(call, flow, 400, f"request body is not valid JSON: {e}")
                 return
+            except RecursionError:
+                self._reject(call, flow, 400, "request body is nested too deeply to parse")
+                return
             if not isinstance(body, dict):
                 self._reject(call, flow, 400, "request body must be a JSON object")
                 return
@@ -532,7 +535,8 @@ class Gateway:
         job: RelayJob | None = flow.metadata.get(RELAY_KEY)
         if job is not None and job.run is not None and call.attempts is None:
             # The client left while the relay was still trying targets: log the attempts made so far.
-            call.attempts = [attempt.as_dict() for attempt in job.run.attempts]
+            attempts = job.run.attempts_so_far("not finished: the client went away")
+            call.attempts = [attempt.as_dict() for attempt in attempts]
         message = flow.error.msg if flow.error else "unknown error"
         if flow.response is not None and call.stream_finished:
             # The stream's final event had been sent; the OpenAI SDK closes its connection right

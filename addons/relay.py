@@ -131,6 +131,8 @@ class RelayJob:
     breaker_scope: str = ""
     #: The target whose attempt set the call's state last.
     prepared_target: Target | None = None
+    #: True once the relay has begun to write the answer to mitmproxy.
+    answer_started: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -240,11 +242,14 @@ class Relay:
         try:
             await asyncio.wait({respond, watch}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            # The relay is closing (the gateway stops): end the call's stream with an error event.
+            # The relay is closing (the gateway stops). A stream ends with an error event; a call that
+            # has no answer yet gets a 503 in its client's format.
             watch.cancel()
             respond.cancel()
             with suppress(asyncio.CancelledError):
                 await respond
+            if not job.answer_started:
+                self._write_shutdown_answer(job, writer)
             raise
         if respond.done():
             if respond.exception() is not None:
@@ -296,6 +301,7 @@ class Relay:
                 job.served_flow = job.prepare(outcome.target)
                 job.prepared_target = outcome.target
 
+        job.answer_started = True
         if isinstance(payload, StreamAnswer):
             await self._forward_stream(job, payload, writer)
             return
@@ -313,6 +319,18 @@ class Relay:
         body = response.content or b""
         writer.write(_head(response.status_code, response.reason or "", headers, len(body)) + body)
         await writer.drain()
+
+    @staticmethod
+    def _write_shutdown_answer(job: RelayJob, writer: asyncio.StreamWriter) -> None:
+        call = job.call
+        message = "tollhouse: the gateway is shutting down and stopped trying targets for this call; retry it."
+        response = error_response(call.client_format or "openai", 503, message, request_id=call.request_id)
+        response.headers["retry-after"] = "5"
+        call.answered_by_gateway = True
+        call.error = "the gateway stopped before any target answered"
+        headers = [(k, v) for k, v in response.headers.items(multi=True) if k.lower() not in _HOP_HEADERS]
+        body = response.content or b""
+        writer.write(_head(503, response.reason or "Service Unavailable", headers, len(body)) + body)
 
     @staticmethod
     def _gateway_error(call: Call, outcome: Outcome) -> http.Response:
@@ -371,11 +389,12 @@ class Relay:
             await response.aclose()
             body = b"".join(parts)
             answer = WholeAnswer(response.status, response.reason, headers_out, body)
-            if 200 <= response.status < 300 and not _is_json(body):
-                # A 200 with an empty or non-JSON body (an HTML page, a cut JSON document) is no answer.
+            if 200 <= response.status < 300 and not _is_json_object(body):
+                # Every answer of these APIs is a JSON object. An empty body, an HTML page, a cut JSON
+                # document or a bare `null` is no answer.
                 return Outcome(
                     INVALID_ANSWER,
-                    error=f"{where} answered {response.status} with a body that is not JSON ({len(body)} bytes)",
+                    error=f"{where} answered {response.status} with a body that is not a JSON object ({len(body)} bytes)",
                 )
             if response.status >= 400:
                 return Outcome(
@@ -482,7 +501,8 @@ def _classify(event: SSEEvent) -> str:
         return "wait"
     if event.event in ("error", "response.failed") or event.data.startswith('{"error"'):
         return "error"
-    if event.event in _PRELUDE_EVENTS:
+    if event.event in _PRELUDE_EVENTS or event.data == "[DONE]":
+        # `[DONE]` only ends a Chat Completions stream: alone, it is a stream without content.
         return "wait"
     if event.event is None and _is_empty_chat_chunk(event.json):
         return "wait"
@@ -503,20 +523,26 @@ def _is_empty_chat_chunk(chunk) -> bool:
     return not delta.get("content") and not delta.get("tool_calls") and not delta.get("refusal")
 
 
-def _is_json(body: bytes) -> bool:
+def _is_json_object(body: bytes) -> bool:
     try:
-        json.loads(body)
-    except ValueError:
+        return isinstance(json.loads(body), dict)
+    except (ValueError, RecursionError):
         return False
-    return True
 
 
 def _event_error(event: SSEEvent) -> str:
     payload = event.json
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict):
-        return f"error event before any content: {error.get('type') or error.get('code')}: {error.get('message')}"
-    return "error event before any content"
+    if not isinstance(payload, dict):
+        return "error event before any content"
+    error = payload.get("error")
+    if not isinstance(error, dict):
+        # The Responses API puts code and message at the top of its `error` event, and the error of
+        # `response.failed` under `response`.
+        response = payload.get("response")
+        nested = response.get("error") if isinstance(response, dict) else None
+        error = nested if isinstance(nested, dict) else payload
+    kind = error.get("type") if error.get("type") not in (None, "error") else error.get("code")
+    return f"error event before any content: {kind}: {error.get('message')}"
 
 
 def _stream_error_event(api_format: str, endpoint: str, message: str) -> bytes:

@@ -214,6 +214,8 @@ def read_config(rules: Rules, value: str | None) -> tuple[Target | None, str | N
 
     try:
         config = json.loads(value)
+    except RecursionError as e:
+        raise RoutingError(f"tollhouse: {CONFIG_HEADER} is nested too deeply to parse.") from e
     except ValueError as e:
         raise RoutingError(
             f"tollhouse: {CONFIG_HEADER} is not valid JSON: {e}. Send a JSON object like "
@@ -233,6 +235,8 @@ def read_portkey_metadata(value: str | None) -> dict[str, str]:
         return {}
     try:
         metadata = json.loads(value)
+    except RecursionError as e:
+        raise RoutingError(f"tollhouse: {METADATA_HEADER} is nested too deeply to parse.") from e
     except ValueError as e:
         raise RoutingError(
             f'tollhouse: {METADATA_HEADER} is not valid JSON: {e}. Send a JSON object like {{"team": "search"}}.'

@@ -7,9 +7,9 @@ this at about 1 ms of CPU per request in the gateway (cProfile, see docs/benchma
 skips its URL model, transports and auth layers. h11 (a mitmproxy dependency) parses the protocol.
 
 Failures raise `UpstreamError` with `kind` "connect" (refused, DNS, TLS: nothing was sent) or
-"protocol" (the connection broke or upstream sent invalid HTTP). A pooled connection that the server
-closed while idle is detected before any response byte arrives, and the request is sent once more on
-a new connection, as HTTP clients commonly do.
+"protocol" (the connection broke or upstream sent invalid HTTP). A pooled connection whose server has
+closed it is dropped before reuse. The request is never sent twice: a connection that breaks after the
+request went out may have reached upstream, and the caller's retry rules decide what happens next.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class UpstreamError(Exception):
 
 
 class _Connection:
-    __slots__ = ("reader", "writer", "h11", "origin", "idle_since", "reused")
+    __slots__ = ("reader", "writer", "h11", "origin", "idle_since")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: tuple[str, str, int]):
         self.reader = reader
@@ -50,7 +50,6 @@ class _Connection:
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
         self.origin = origin
         self.idle_since = 0.0
-        self.reused = False
 
     def close(self) -> None:
         with suppress(Exception):
@@ -154,29 +153,18 @@ class UpstreamClient:
             target=target,
             headers=[("host", host_header), *headers, ("content-length", str(len(body)))],
         )
-        connection = self._take_idle(origin)
-        if connection is not None:
-            try:
-                return await self._exchange(connection, request, body)
-            except UpstreamError as e:
-                if e.kind != "stale":
-                    raise
-                # The server closed the idle connection before it saw this request: send it again.
-        connection = await self._connect(origin)
-        try:
-            return await self._exchange(connection, request, body)
-        except UpstreamError as e:
-            if e.kind == "stale":
-                raise UpstreamError("protocol", "the server closed the connection without a response") from e
-            raise
+        connection = self._take_idle(origin) or await self._connect(origin)
+        return await self._exchange(connection, request, body)
 
     def _take_idle(self, origin: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(origin)
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if now - connection.idle_since < _IDLE_EXPIRY and not connection.reader.at_eof():
-                connection.reused = True
+            # The event loop has read a server's close while the connection sat idle, so a closed one
+            # shows here, except for a close that arrives at this very moment.
+            alive = not connection.reader.at_eof() and not connection.writer.transport.is_closing()
+            if now - connection.idle_since < _IDLE_EXPIRY and alive:
                 return connection
             connection.close()
         return None
@@ -229,19 +217,14 @@ class UpstreamClient:
             await connection.writer.drain()
         except (OSError, h11.LocalProtocolError) as e:
             connection.close()
-            kind = "stale" if connection.reused else "protocol"
-            raise UpstreamError(kind, f"sending the request failed: {e}") from e
+            raise UpstreamError("protocol", f"sending the request failed: {e}") from e
 
-        first = True
         while True:
             try:
                 event = await self._next_event(connection)
-            except UpstreamError as e:
+            except UpstreamError:
                 connection.close()
-                if first and connection.reused and e.kind == "protocol":
-                    raise UpstreamError("stale", str(e)) from e
                 raise
-            first = False
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
@@ -270,3 +253,19 @@ class UpstreamClient:
                 connection.h11.receive_data(data)
             except h11.RemoteProtocolError as e:
                 raise UpstreamError("protocol", f"invalid HTTP from upstream: {e}") from e
+            if not data:
+                # End of stream: h11 reports it as an error unless the response was complete.
+                try:
+                    event = connection.h11.next_event()
+                except h11.RemoteProtocolError as e:
+                    raise UpstreamError("protocol", _closed_early_message(e)) from e
+                if isinstance(event, h11.ConnectionClosed) or event is h11.NEED_DATA:
+                    raise UpstreamError("protocol", "upstream closed the connection before the response was complete")
+                return event
+
+
+def _closed_early_message(error: h11.RemoteProtocolError) -> str:
+    detail = str(error)
+    if "peer closed connection" in detail:
+        return f"upstream closed the connection before the response was complete ({detail})"
+    return "upstream closed the connection before the response was complete"

@@ -274,8 +274,16 @@ def tollhouse_sse_event(call: Call, event: SSEEvent):
     return results
 
 
-@hookimpl
-def tollhouse_response(call: Call, flow: http.HTTPFlow) -> None:
+@hookimpl(wrapper=True)
+def tollhouse_response(call: Call, flow: http.HTTPFlow):
+    # A wrapper, so that the answer is stored as the client gets it: after every other implementation,
+    # the translation to the client's format included.
+    result = yield
+    _capture_answer(call, flow)
+    return result
+
+
+def _capture_answer(call: Call, flow: http.HTTPFlow) -> None:
     keyed = call.metadata.get(_KEY)
     response = flow.response
     if keyed is None or call.cache_status not in ("MISS", "REFRESH") or response is None:

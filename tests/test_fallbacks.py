@@ -885,7 +885,10 @@ class BadAnswerServer:
                 except (OSError, AttributeError):
                     continue
                 self.requests += 1
-                if b'"stream":true' in body.replace(b" ", b""):
+                if b"done-only" in body:
+                    events = b"data: [DONE]\n\n"
+                    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(events), events)
+                elif b'"stream":true' in body.replace(b" ", b""):
                     reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 0\r\n\r\n"
                 else:
                     page = b"<html><body>maintenance</body></html>"
@@ -954,7 +957,7 @@ def test_garbage_answer_falls_back(cgw, stream):
     if stream:
         assert first["error"] == "provider 'garbage' ended its stream without any content"
     else:
-        assert first["error"] == "provider 'garbage' answered 200 with a body that is not JSON (37 bytes)"
+        assert first["error"] == "provider 'garbage' answered 200 with a body that is not a JSON object (37 bytes)"
 
 
 def test_request_timeout_covers_first_content(cgw):
@@ -1147,3 +1150,113 @@ routes:
             "SELECT status, error, price_flag FROM requests WHERE request_id = ?", [request_id]
         ).fetchone()
     assert (status, error, flag) == (200, "the gateway stopped before the stream ended", "partial")
+
+
+def test_done_only_stream_falls_back(cgw):
+    config = json.dumps({"strategy": {"mode": "fallback"}, "targets": [{"provider": "garbage"}, {"provider": "openai"}]})
+    response = base_url_openai(cgw).chat.completions.create(
+        model=GPT, messages=[{"role": "user", "content": "done-only"}], stream=True,
+        extra_headers={"x-portkey-config": config, "x-fake-text": "after%20done", "cache-control": "no-store"},
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in response if c.choices) == "after done"
+    row = cgw.wait_row(response.response.headers["x-tollhouse-request-id"])
+    assert json.loads(row["attempts"])[0]["error"] == "provider 'garbage' ended its stream without any content"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"provider": "anthropic", "model": "claude-haiku-4-5"},
+        {"strategy": {"mode": "fallback"}, "targets": [{"provider": "garbage"}, {"provider": "anthropic", "model": "claude-haiku-4-5"}]},
+    ],
+    ids=["direct", "relayed"],
+)
+def test_cached_translated_answer_keeps_client_format(cgw, config):
+    marker = uuid.uuid4().hex
+    client = base_url_openai(cgw)
+    headers = {"x-portkey-config": json.dumps(config), "x-fake-text": "cached%20text"}
+
+    first = client.chat.completions.with_raw_response.create(model="x", messages=[{"role": "user", "content": marker}], extra_headers=headers)
+    again = client.chat.completions.with_raw_response.create(model="x", messages=[{"role": "user", "content": marker}], extra_headers=headers)
+
+    assert first.headers["x-tollhouse-cache"] == "MISS"
+    assert again.headers["x-tollhouse-cache"] == "HIT"
+    assert again.parse().object == "chat.completion"
+    assert again.parse().choices[0].message.content == "cached text"
+    assert json.loads(again.content) == json.loads(first.content)
+
+
+def test_client_leaving_logs_attempt_in_flight(cgw):
+    marker = uuid.uuid4().hex
+    config = json.dumps({"strategy": {"mode": "fallback"}, "targets": [{"provider": "openai"}, {"provider": "anthropic"}]})
+    client = openai.OpenAI(api_key=ALPHA_KEY, base_url=f"{cgw.base_url}/v1", max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(
+            model=GPT, messages=[{"role": "user", "content": marker}],
+            extra_headers={"x-portkey-config": config, "x-fault": "slow:3", "cache-control": "no-store"},
+        )
+    row = wait_rows(cgw, "route = 'x-portkey-config' AND error LIKE '%Client disconnected%' AND attempts LIKE '%not finished%'")[-1]
+    attempts = json.loads(row["attempts"])
+    assert [(a["provider"], a["status"], a["error"], a["sent"]) for a in attempts] == [
+        ("openai", None, "not finished: the client went away", True),
+    ]
+    assert row["attempt_count"] == 1
+
+
+def test_sigterm_during_retry_wait_answers_503(tmp_path, monkeypatch):
+    import signal
+
+    from addons.testing.fake_upstream import FakeUpstream
+    from conftest import ANTHROPIC_REAL_KEY, OPENAI_REAL_KEY
+
+    fake = FakeUpstream(expected_keys={"openai": OPENAI_REAL_KEY, "anthropic": ANTHROPIC_REAL_KEY}).start_in_thread()
+    rules = rules_text(fake.port, routes=f"""
+fallbacks:
+  retry_after_max: 30
+routes:
+  patient:
+    match: {{provider: anthropic, model: {CLAUDE}}}
+    retry: {{attempts: 2}}
+    provider: anthropic
+""").replace("shutdown_grace: 20", "shutdown_grace: 1")
+    gateway = start_gateway(tmp_path / "gateway", rules, GATEWAY_ENV)
+    try:
+        use_gateway(gateway, monkeypatch)
+        client = anthropic_client()
+        result: dict = {}
+
+        def call() -> None:
+            try:
+                client.messages.create(model=CLAUDE, max_tokens=20, messages=MESSAGES, extra_headers=fault("status:429, retry-after:10"))
+            except anthropic.APIStatusError as e:
+                result["error"] = e
+
+        worker = threading.Thread(target=call)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while "retrying anthropic" not in gateway.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gateway.process.send_signal(signal.SIGTERM)
+        worker.join(30)
+        exit_code = gateway.process.wait(timeout=30)
+    finally:
+        if gateway.process.poll() is None:
+            gateway.stop(signal.SIGKILL)
+        fake.stop_thread()
+
+    assert exit_code == 0
+    error = result["error"]
+    assert error.status_code == 503
+    assert error.response.json()["type"] == "error"
+    assert error.response.json()["error"]["message"] == (
+        "tollhouse: the gateway is shutting down and stopped trying targets for this call; retry it."
+    )
+    assert error.response.headers["retry-after"] == "5"
+    from addons.logstore import connect_readonly
+
+    with connect_readonly(gateway.database, timeout=10.0) as con:
+        status, row_error, attempts = con.execute(
+            "SELECT status, error, attempts FROM requests WHERE request_id = ?", [error.response.headers["x-tollhouse-request-id"]]
+        ).fetchone()
+    assert (status, row_error) == (503, "the gateway stopped before any target answered")
+    assert [a["status"] for a in json.loads(attempts)] == [429]

@@ -191,3 +191,30 @@ def test_silent_upstream_times_out():
         run(scenario())
     assert raised.value.kind == "protocol"
     assert str(raised.value) == "upstream sent nothing for 0.2 s"
+
+
+def test_request_is_never_sent_twice():
+    # The server answers the first request of a connection, then reads the second and drops the
+    # connection without a response: upstream may have acted on it, so the client must not resend it.
+    def reply(index: int) -> list[bytes]:
+        return ok_reply(index) if index == 0 else []
+
+    async def scenario():
+        async with Server(reply) as server:
+            client = UpstreamClient(connect_timeout=5, read_timeout=5)
+            await get(client, server.port)
+            server.close_after_reply = True
+            try:
+                await get(client, server.port, body=b'{"second": true}')
+                error = None
+            except UpstreamError as e:
+                error = e
+            await client.aclose()
+            return server, error
+
+    server, error = run(scenario())
+    assert error is not None
+    assert error.kind == "protocol"
+    assert str(error) == "upstream closed the connection before the response was complete"
+    assert sum(1 for request in server.requests if request.endswith(b'{"second": true}')) == 1
+    assert server.connections == 1
