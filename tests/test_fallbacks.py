@@ -1260,3 +1260,24 @@ routes:
         ).fetchone()
     assert (status, row_error) == (503, "the gateway stopped before any target answered")
     assert [a["status"] for a in json.loads(attempts)] == [429]
+
+
+def test_responses_stream_early_error_falls_back(fgw):
+    config = json.dumps({
+        "strategy": {"mode": "fallback"},
+        "targets": [{"provider": "openai", "model": "gpt-4.1-mini"}, {"provider": "openai", "model": GPT}],
+    })
+    client = base_url_openai(fgw)
+    with client.responses.stream(
+        model="x", input="hi",
+        extra_headers={"x-portkey-config": config, "x-fault": "early-error, model:gpt-4.1-mini", "x-fake-text": "second"},
+    ) as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+    assert text == "second"
+    row = wait_rows(fgw, "endpoint = 'responses' AND served_by = 'config.targets[1]'")[-1]
+    first = json.loads(row["attempts"])[0]
+    assert first["status"] == 200
+    assert first["error"] == (
+        "error event before any content: server_error: The server had an error while processing your request. "
+        "Sorry about that!"
+    )
