@@ -267,7 +267,9 @@ class FallbackRun:
             outcome.retries = retry
             latency = (time.monotonic() - started) * 1000.0
             sent = outcome.kind != REJECTED
-            self.attempts.append(Attempt(leaf.option, provider.name, model, outcome.status, outcome.error, latency, sent))
+            # The model the attempt sent, which preparing it may have set (an Azure deployment's model).
+            sent_model = self.call.model or model
+            self.attempts.append(Attempt(leaf.option, provider.name, sent_model, outcome.status, outcome.error, latency, sent))
 
             if outcome.ok or (outcome.kind == HTTP_ERROR and not counts_against_target(outcome)):
                 self.breakers.record_success(key)

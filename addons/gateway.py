@@ -49,6 +49,7 @@ from addons.routing import (
     TRACE_ID_HEADER,
     Route,
     RoutingError,
+    azure_deployment,
     client_format_for,
     native_path,
     read_config,
@@ -394,6 +395,24 @@ class Gateway:
             request.content = json.dumps(call.request_json, ensure_ascii=False, separators=(",", ":")).encode()
 
     @staticmethod
+    def _model_from_deployment(call: Call, request: http.Request, azure: Provider) -> None:
+        """Name the model in the body for a provider other than Azure, which knows no deployments.
+
+        An Azure client names a deployment, in the path and often as the body's `model`. The rules'
+        `deployments` map turns it into a model name; an unmapped name is passed on as it is.
+        """
+        body = call.request_json
+        name = body.get("model") if isinstance(body.get("model"), str) else azure_deployment(call.path)
+        if not name:
+            return
+        model = azure.deployments.get(name, name)
+        if body.get("model") == model:
+            return
+        body["model"] = model
+        call.model = model
+        request.content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @staticmethod
     def _point_at(request: http.Request, provider: Provider, client_path: str) -> None:
         request.scheme = provider.scheme
         request.host = provider.host
@@ -453,6 +472,8 @@ class Gateway:
         attempt.metadata[CALL_KEY] = call
         if provider is not base.provider:
             self._point_at(attempt.request, provider, call.path)
+            if base.provider.kind == "azure" and provider.kind != "azure" and call.request_json is not None:
+                self._model_from_deployment(call, attempt.request, base.provider)
         if target.override_params and call.request_json is not None:
             call.request_json.update(target.override_params)
             model = call.request_json.get("model")

@@ -84,6 +84,12 @@ def client_format_for(path: str) -> str:
     return "anthropic" if bare in ("/v1/messages", "/v1/messages/count_tokens") else "openai"
 
 
+def azure_deployment(path: str) -> str | None:
+    """Return the deployment name of an Azure deployment path (`/openai/deployments/NAME/...`), or None."""
+    match = _AZURE_DEPLOYMENT.match(path.split("?", 1)[0])
+    return match.group(1) if match else None
+
+
 def native_path(path: str) -> str:
     """Return the `/v1/...` path that a client path stands for, without its query.
 

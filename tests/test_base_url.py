@@ -428,6 +428,29 @@ def test_embeddings_to_anthropic_is_400(direct_env, fake):
 # -- Azure and OpenAI-compatible providers ---------------------------------------------------------
 
 
+def test_azure_deployment_falls_back_to_openai(direct_env, fake):
+    gw = direct_env
+    client = openai.AzureOpenAI(
+        azure_endpoint=gw.base_url, api_key=ALPHA_KEY, api_version="2024-10-21", max_retries=0, timeout=20.0
+    )
+    config = json.dumps({"strategy": {"mode": "fallback"}, "targets": [{"provider": "azure"}, {"provider": "openai"}]})
+    raw = client.chat.completions.with_raw_response.create(
+        model="prod-4o", messages=MESSAGES,
+        extra_headers={"x-portkey-config": config, "x-fault": "status:503, times:1, kind:openai"},
+    )
+
+    assert raw.parse().choices[0].message.role == "assistant"
+    sent = last_received(fake)
+    # OpenAI knows no deployments: the body names the model that the rules map prod-4o to.
+    assert sent.path == "/v1/chat/completions"
+    assert json.loads(sent.body)["model"] == "gpt-4o"
+    row = gw.wait_row(raw.headers["x-tollhouse-request-id"])
+    attempts = json.loads(row["attempts"])
+    assert [(a["provider"], a["model"], a["status"]) for a in attempts] == [("azure", "prod-4o", 503), ("openai", "gpt-4o", 200)]
+    assert (row["provider"], row["model"]) == ("openai", "gpt-4o")
+    assert row["cost_usd"] == genai_cost("gpt-4o", "openai", row)
+
+
 def test_azure_deployment_url(direct_env, fake):
     gw = direct_env
     client = openai.AzureOpenAI(
