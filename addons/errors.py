@@ -100,3 +100,19 @@ def install_json_error_pages() -> None:
     at call time, so replacing that module attribute takes effect for every connection.
     """
     _http1.make_error_response = _json_error_page
+
+
+# Maximum length of an error message stored from an upstream error body, in characters.
+_ERROR_MESSAGE_MAX = 500
+
+
+def error_message(body: bytes) -> str:
+    """Return the message of a provider error body, or the start of the body if it is not JSON."""
+    try:
+        parsed = json.loads(body)
+        message = parsed["error"]["message"]
+        if isinstance(message, str):
+            return message[:_ERROR_MESSAGE_MAX]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        pass
+    return body[:_ERROR_MESSAGE_MAX].decode("utf-8", errors="replace")

@@ -36,7 +36,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons.breaker import CircuitBreakers
 from addons.call import Call, Price, endpoint_for
-from addons.errors import error_response
+from addons.errors import error_message, error_response
 from addons.hook_calls import ErrorHandler, HookImplementations
 from addons.log_format import CALL_FIELDS
 from addons.logstore import LogStore, row_for
@@ -78,9 +78,6 @@ TRACE_ID_KEY = "routing.trace_id"
 
 # Endpoints whose requests must carry a JSON object body.
 _JSON_ENDPOINTS = {"chat.completions", "responses", "embeddings", "messages", "messages.count_tokens"}
-
-# Maximum length of an error message stored from an upstream error body, in characters.
-_ERROR_MESSAGE_MAX = 500
 
 # Part of mitmproxy 12.3's error message for a body over its `body_size_limit`.
 _BODY_LIMIT_MESSAGE = "body_size_limit"
@@ -385,31 +382,35 @@ class Gateway:
         request = flow.request
         if provider is not call.provider or (request.host, request.port) != provider.address:
             self._point_at(request, provider, call.path)
+        self._shape_body(call, request, target, call.provider, provider)
         call.provider = provider
         flow.metadata[TARGET_OPTION_KEY] = target.option
-        if target.override_params and call.request_json is not None:
-            call.request_json.update(target.override_params)
-            model = call.request_json.get("model")
-            call.model = model if isinstance(model, str) else None
-            call.stream = call.request_json.get("stream") is True
-            request.content = json.dumps(call.request_json, ensure_ascii=False, separators=(",", ":")).encode()
 
     @staticmethod
-    def _model_from_deployment(call: Call, request: http.Request, azure: Provider) -> None:
-        """Name the model in the body for a provider other than Azure, which knows no deployments.
+    def _shape_body(call: Call, request: http.Request, target: Target, source: Provider, provider: Provider) -> None:
+        """Write the target's override_params into the body, and the model for a call that leaves Azure.
 
-        An Azure client names a deployment, in the path and often as the body's `model`. The rules'
-        `deployments` map turns it into a model name; an unmapped name is passed on as it is.
+        Another provider than Azure knows no deployments. An Azure client names a deployment in the path,
+        and often as the body's `model`, and the rules' `deployments` map turns it into a model name (an
+        unmapped name is passed on as it is). The body is serialised once, and only when it changed.
         """
         body = call.request_json
-        name = body.get("model") if isinstance(body.get("model"), str) else azure_deployment(call.path)
-        if not name:
+        if body is None:
             return
-        model = azure.deployments.get(name, name)
-        if body.get("model") == model:
+        changed = False
+        if source.kind == "azure" and provider.kind != "azure":
+            name = body.get("model") if isinstance(body.get("model"), str) else azure_deployment(call.path)
+            if name and body.get("model") != source.deployments.get(name, name):
+                body["model"] = source.deployments.get(name, name)
+                changed = True
+        if target.override_params:
+            body.update(target.override_params)
+            changed = True
+        if not changed:
             return
-        body["model"] = model
-        call.model = model
+        model = body.get("model")
+        call.model = model if isinstance(model, str) else None
+        call.stream = body.get("stream") is True
         request.content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
     @staticmethod
@@ -437,8 +438,13 @@ class Gateway:
             rewrite_stream=call.rewrite_stream,
             metadata=dict(call.metadata),
         )
-        job = RelayJob(call, config, default, prepare=lambda target: self.prepare_attempt(call, flow, base, target, default))
-        job.breaker_scope = call.route_key or ""
+        job = RelayJob(
+            call,
+            config,
+            default,
+            prepare=lambda target: self.prepare_attempt(call, flow, base, target, default),
+            breaker_scope=call.route_key or "",
+        )
         token = self.relay.register(job)
         self._relay_tokens[call.request_id] = token
         flow.metadata[RELAY_KEY] = job
@@ -472,14 +478,7 @@ class Gateway:
         attempt.metadata[CALL_KEY] = call
         if provider is not base.provider:
             self._point_at(attempt.request, provider, call.path)
-            if base.provider.kind == "azure" and provider.kind != "azure" and call.request_json is not None:
-                self._model_from_deployment(call, attempt.request, base.provider)
-        if target.override_params and call.request_json is not None:
-            call.request_json.update(target.override_params)
-            model = call.request_json.get("model")
-            call.model = model if isinstance(model, str) else None
-            call.stream = call.request_json.get("stream") is True
-            attempt.request.content = json.dumps(call.request_json, ensure_ascii=False, separators=(",", ":")).encode()
+        self._shape_body(call, attempt.request, target, base.provider, provider)
         try:
             self.pm.hook.tollhouse_upstream_request(call=call, flow=attempt)
         except Exception as e:
@@ -776,18 +775,6 @@ def has_credential(headers) -> bool:
         return True
     scheme, _, token = headers.get("authorization", "").strip().partition(" ")
     return bool(token.strip()) or (bool(scheme) and scheme.lower() != "bearer")
-
-
-def error_message(body: bytes) -> str:
-    """Return the message of a provider error body, or the start of the body if it is not JSON."""
-    try:
-        parsed = json.loads(body)
-        message = parsed["error"]["message"]
-        if isinstance(message, str):
-            return message[:_ERROR_MESSAGE_MAX]
-    except (ValueError, KeyError, TypeError):
-        pass
-    return body[:_ERROR_MESSAGE_MAX].decode("utf-8", errors="replace")
 
 
 def log_call(call: Call) -> None:

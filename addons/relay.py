@@ -30,12 +30,12 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from addons.errors import error_response
+from addons.errors import error_message, error_response
 from addons.fallback import (
     CONNECT_ERROR,
     EARLY_ERROR,
@@ -122,8 +122,6 @@ class RelayJob:
     default_provider: Provider
     #: Prepare the request for one target (`Gateway.prepare_attempt`); returns the attempt's flow.
     prepare: Callable[[Target], http.HTTPFlow]
-    #: The flow of the last prepared attempt; the gateway puts its request back on the client's flow.
-    served_flow: http.HTTPFlow | None = None
     run: FallbackRun | None = None
     #: Why a forwarded stream ended early, or None.
     cut: str | None = None
@@ -133,7 +131,6 @@ class RelayJob:
     prepared_target: Target | None = None
     #: True once the relay has begun to write the answer to mitmproxy.
     answer_started: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Relay:
@@ -290,7 +287,6 @@ class Relay:
             outcome = await run.run()
         finally:
             call.attempts = [attempt.as_dict() for attempt in run.attempts]
-            job.done.set()
 
         payload = outcome.payload
         if isinstance(payload, (StreamAnswer, WholeAnswer)) and outcome.target is not None:
@@ -298,7 +294,7 @@ class Relay:
             if outcome.target is not job.prepared_target:
                 # A later target could not be tried, and this earlier answer is sent: the call takes
                 # that attempt's state again (provider, translation) so the answer is read correctly.
-                job.served_flow = job.prepare(outcome.target)
+                job.prepare(outcome.target)
                 job.prepared_target = outcome.target
 
         job.answer_started = True
@@ -350,7 +346,6 @@ class Relay:
 
     async def _attempt(self, job: RelayJob, target: Target) -> Outcome:
         flow = job.prepare(target)
-        job.served_flow = flow
         job.prepared_target = target
         if flow.response is not None:
             # A plugin answered this attempt itself, for example because the gateway has no key for the
@@ -400,7 +395,7 @@ class Relay:
                 return Outcome(
                     HTTP_ERROR,
                     status=response.status,
-                    error=_error_message(body),
+                    error=error_message(body),
                     retry_after=_retry_after(response),
                     payload=answer,
                 )
@@ -555,16 +550,6 @@ def _stream_error_event(api_format: str, endpoint: str, message: str) -> bytes:
         return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
     data = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
     return b"data: " + json.dumps(data).encode() + b"\n\n"
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        message = json.loads(body)["error"]["message"]
-        if isinstance(message, str):
-            return message[:300]
-    except (ValueError, KeyError, TypeError):
-        pass
-    return body[:300].decode("utf-8", errors="replace")
 
 
 def _retry_after(response: UpstreamResponse) -> float | None:
