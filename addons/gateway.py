@@ -601,6 +601,10 @@ class Gateway:
         call.ended = time.monotonic()
         if call.error:
             call.error = self.redactor.mask(call.error)
+        for attempt in call.attempts or ():
+            # Upstream error messages may repeat the key that was sent, as OpenAI's 401 does.
+            if attempt.get("error"):
+                attempt["error"] = self.redactor.mask(attempt["error"])
         call.price = self._hooks.tollhouse_price.first_result({"call": call}, self._on_plugin_error(call, "tollhouse_price"))
         if call.price is None:
             call.price = Price(None, "missing_usage")

@@ -30,6 +30,8 @@ from conftest import ALPHA_KEY, GATEWAY_ENV, anthropic_client, openai_client, ru
 CLAUDE = "claude-sonnet-4-20250514"
 GPT = "gpt-4o"
 MESSAGES = [{"role": "user", "content": "hi"}]
+# A provider key the fake upstream rejects; its 401 message repeats the key in full.
+WRONG_KEY = "sk-wrong-openai-0123456789abcdef0123"
 
 
 def closed_port() -> int:
@@ -130,6 +132,11 @@ def fallback_rules(fake_port: int, tls_port: int, slow_port: int = 9, reset_port
     base_url: https://127.0.0.1:{tls_port}
     key_env: ANTHROPIC_API_KEY
     hosts: [tls-mismatch.invalid]
+  wrong-key:
+    kind: openai-compatible
+    base_url: http://127.0.0.1:{fake_port}
+    key_env: TH_WRONG_OPENAI_KEY
+    price_provider: openai
   reset:
     kind: anthropic
     base_url: http://127.0.0.1:{reset_port}
@@ -209,7 +216,8 @@ routes:
 @pytest.fixture(scope="module")
 def fgw(fake, tls_server, slow_fake, reset_server, tmp_path_factory):
     rules = fallback_rules(fake.port, tls_server.port, slow_fake.port, reset_server.port)
-    process = start_gateway(tmp_path_factory.mktemp("fallbacks"), rules, GATEWAY_ENV)
+    env = {**GATEWAY_ENV, "TH_WRONG_OPENAI_KEY": WRONG_KEY}
+    process = start_gateway(tmp_path_factory.mktemp("fallbacks"), rules, env)
     yield process
     process.stop()
 
@@ -1281,3 +1289,20 @@ def test_responses_stream_early_error_falls_back(fgw):
         "error event before any content: server_error: The server had an error while processing your request. "
         "Sorry about that!"
     )
+
+
+def test_attempt_errors_never_store_keys(fgw):
+    config = json.dumps({
+        "strategy": {"mode": "fallback", "on_status_codes": [401]},
+        "targets": [{"provider": "wrong-key", "model": GPT}, {"provider": "openai", "model": GPT}],
+    })
+    raw = base_url_openai(fgw).chat.completions.with_raw_response.create(
+        model=GPT, messages=MESSAGES, extra_headers={"x-portkey-config": config},
+    )
+    assert raw.parse().choices[0].message.role == "assistant"
+    row = fgw.wait_row(raw.headers["x-tollhouse-request-id"])
+    first = json.loads(row["attempts"])[0]
+    assert first["status"] == 401
+    assert first["error"].startswith("Incorrect API key provided: ")
+    assert WRONG_KEY not in row["attempts"]
+    assert WRONG_KEY not in fgw.stderr()
