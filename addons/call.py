@@ -152,7 +152,7 @@ class Call:
     #: Identity of the routing config, for the response cache and the circuit breakers: "route:NAME" for
     #: a route of the rules, "config:PROJECT:DIGEST" for a JSON config sent in the header.
     route_key: str | None = None
-    #: Portkey's name of the config target that answered, such as "config.targets[1]".
+    #: Portkey's name of the config target whose response the client got, such as "config.targets[1]".
     served_by: str | None = None
     #: Upstream attempts of a call with fallbacks or retries, as `addons.fallback.Attempt.as_dict()`.
     attempts: list[dict[str, Any]] | None = None

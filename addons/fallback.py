@@ -1,16 +1,17 @@
 """Walks a routing config for one call: fallbacks, load balancing, retries with backoff, circuit breakers.
 
-`FallbackRun.run` tries leaf targets through a `send` coroutine (the relay's upstream request) and
-returns the outcome that is sent to the client: the first success, a failure that no strategy acts on (a
-400 goes back to the client at once), or the last failure when every target failed.
+`FallbackRun.run` tries leaf targets through a `send` coroutine (the relay's upstream request). It
+returns the outcome that is sent to the client. That is the first success, or a failure that no
+strategy acts on (a 400 goes back to the client at once), or the last failure when every target failed.
 
 What moves a call on (to a retry, or to the next target of a fallback):
 - a connection that was refused, reset, failed TLS or DNS, or gave no first byte in `request_timeout`;
 - an error event in a stream before any content (Anthropic's `overloaded_error`);
+- a 2xx body that is not a JSON object, or a stream that ends without content;
 - an HTTP status in the strategy's `on_status_codes` (retry: `retry.on_status_codes`), by default 429
   and 5xx, 529 included.
-A target is never left after the first byte of its body reached the client; the relay ensures that by
-deciding before it forwards anything.
+A target is never left after the first byte of its body reached the client, because the relay decides
+before it forwards anything.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ HTTP_ERROR = "http_error"
 EARLY_ERROR = "early_error"
 CONNECT_ERROR = "connect_error"
 TIMEOUT = "timeout"
-#: A 2xx answer that is no answer: an empty or non-JSON body, or a stream that ended without content.
+#: A 2xx response without a usable body: not a JSON object, or a stream that ended without content.
 INVALID_ANSWER = "invalid_answer"
 REJECTED = "rejected"
 SKIPPED = "skipped"
@@ -148,12 +149,12 @@ class FallbackRun:
         self.retries_of_last = outcome.retries
         return outcome
 
-    def attempts_so_far(self, why: str) -> list[Attempt]:
-        """Return the finished attempts, and the one in flight with `why` as its error."""
+    def attempts_so_far(self, reason: str) -> list[Attempt]:
+        """Return the finished attempts, and the one in flight with `reason` as its error."""
         attempts = list(self.attempts)
         if self._in_flight is not None:
             leaf, provider, model, started = self._in_flight
-            attempts.append(Attempt(leaf.option, provider, model, None, why, (time.monotonic() - started) * 1000.0))
+            attempts.append(Attempt(leaf.option, provider, model, None, reason, (time.monotonic() - started) * 1000.0))
         return attempts
 
     def _model_of(self, leaf: Target) -> str | None:
@@ -177,8 +178,8 @@ class FallbackRun:
 
         statuses = node.on_status_codes or DEFAULT_FALLBACK_STATUSES
         outcome = Outcome(kind=SKIPPED, error="no target was tried")
-        # The last failure that upstream answered itself; it explains more than a target that was
-        # skipped or could not be prepared.
+        # The last failure with an upstream response. It explains more than a target that was skipped
+        # or could not be prepared.
         answered: Outcome | None = None
         for index, child in enumerate(node.targets):
             outcome = await self._node(child)
@@ -238,13 +239,13 @@ class FallbackRun:
                     return outcome
                 wait = self.breakers.retry_after(key)
                 if self.breakers.probing(key) and wait == 0:
-                    why = "another call is probing it"
+                    reason = "another call is probing it"
                 else:
-                    why = f"next probe in {wait:.1f} s"
+                    reason = f"next probe in {wait:.1f} s"
                 outcome = Outcome(
                     kind=SKIPPED,
                     status=503,
-                    error=f"circuit breaker open for {key}; {why}",
+                    error=f"circuit breaker open for {key}; {reason}",
                     retry_after=wait,
                     target=leaf,
                 )

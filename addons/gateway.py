@@ -69,7 +69,7 @@ CALL_KEY = "tollhouse.call"
 
 #: Key of `flow.metadata` with the routing config from `x-portkey-config`: (config, route name, default provider).
 CONFIG_KEY = "tollhouse.routing_config"
-#: Key of `flow.metadata` with the `RelayJob` of a call that the relay answers.
+#: Key of `flow.metadata` with the `RelayJob` of a call that the relay handles.
 RELAY_KEY = "tollhouse.relay_job"
 #: Key of `flow.metadata` with the option name of the one config target a direct call was sent to.
 TARGET_OPTION_KEY = "tollhouse.target_option"
@@ -262,7 +262,7 @@ class Gateway:
         except RoutingError as e:
             routing_error = routing_error or e
         if listener == "proxy" and CONFIG_HEADER in request.headers:
-            # The forward proxy honours a routing config in the header too; its targets that name no
+            # The forward proxy honours a routing config in the header too. Its targets that name no
             # provider keep the provider of the host the client called.
             try:
                 value = request.headers.get(CONFIG_HEADER)
@@ -390,7 +390,7 @@ class Gateway:
     def _shape_body(call: Call, request: http.Request, target: Target, source: Provider, provider: Provider) -> None:
         """Write the target's override_params into the body, and the model for a call that leaves Azure.
 
-        Another provider than Azure knows no deployments. An Azure client names a deployment in the path,
+        Providers other than Azure have no deployments. An Azure client names a deployment in the path,
         and often as the body's `model`, and the rules' `deployments` map turns it into a model name (an
         unmapped name is passed on as it is). The body is serialised once, and only when it changed.
         """
@@ -469,7 +469,7 @@ class Gateway:
         call.metadata.update(base.metadata)
         call.request_json = copy.deepcopy(base.request_json)
         call.stream = base.stream
-        # A plugin that answered an earlier attempt (no key for its provider) does not answer this one.
+        # A response that a plugin set for an earlier attempt (no key for its provider) does not end this one.
         call.answered_by_gateway = False
         call.error = None
 
@@ -499,7 +499,7 @@ class Gateway:
         if job is not None:
             set_fallback_headers(call, job, response)
         elif option is not None and not call.answered_by_gateway:
-            # A config with one target that mitmproxy called directly, and upstream answered.
+            # A config with one target that mitmproxy called directly, and upstream sent the response.
             call.served_by = option
             response.headers["x-tollhouse-attempts"] = "1"
             response.headers["x-tollhouse-served-by"] = option

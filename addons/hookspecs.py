@@ -100,7 +100,7 @@ def tollhouse_upstream_request(call: Call, flow: http.HTTPFlow) -> None:
     attempt, with a copy of the request as `tollhouse_request` left it. Before each attempt the gateway
     resets ``call.endpoint``, ``call.model``, ``call.request_json``, ``call.rewrite_stream`` and
     ``call.metadata`` to their values after `tollhouse_request`, so state set here belongs to one
-    attempt. The call keeps the state of the attempt that answers. The built-in translation runs first
+    attempt. The call keeps the state of the attempt whose response the client gets. The built-in translation runs first
     and the key injection last, so credential headers added earlier are replaced.
 
     Setting ``flow.response`` ends this attempt without contacting upstream: the call answers with it,

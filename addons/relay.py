@@ -219,7 +219,7 @@ class Relay:
         except asyncio.CancelledError:
             pass
         except Exception:
-            # A bug in the relay: mitmproxy sees the connection close and answers the client with 502.
+            # A bug in the relay: mitmproxy gets a closed connection and sends the client a 502.
             logger.exception("relay failed on a connection from mitmproxy")
         finally:
             if task is not None:
@@ -336,7 +336,7 @@ class Relay:
             status = 503
         else:
             status = 502
-        message = f"tollhouse: no target could answer; the last attempt failed: {outcome.error}"
+        message = f"tollhouse: every target failed; the last attempt failed with: {outcome.error}"
         response = error_response(call.client_format or "openai", status, message, request_id=call.request_id)
         if outcome.kind == SKIPPED and outcome.retry_after:
             response.headers["retry-after"] = str(max(1, round(outcome.retry_after)))
@@ -423,28 +423,28 @@ class Relay:
     ) -> Outcome:
         """Hold a stream back until its first content event or an error event, and decide the attempt."""
         reader = SSEReader()
-        held: list[bytes] = []
-        held_bytes = 0
+        held_events: list[bytes] = []
+        held_size = 0
         chunk = first
         try:
             while True:
                 for event in reader.feed(chunk) if chunk else reader.close():
-                    held.append(event.raw)
-                    held_bytes += len(event.raw)
+                    held_events.append(event.raw)
+                    held_size += len(event.raw)
                     verdict = _classify(event)
                     if verdict == "error":
                         await response.aclose()
-                        answer = WholeAnswer(response.status, response.reason, headers, b"".join(held))
+                        answer = WholeAnswer(response.status, response.reason, headers, b"".join(held_events))
                         return Outcome(EARLY_ERROR, status=response.status, error=_event_error(event), payload=answer)
                     if verdict == "content":
-                        answer = StreamAnswer(response.status, response.reason, headers, held, reader, chunks, response, api_format)
+                        answer = StreamAnswer(response.status, response.reason, headers, held_events, reader, chunks, response, api_format)
                         return Outcome(OK, status=response.status, payload=answer)
                 if not chunk:
                     await _close(response)
                     return Outcome(INVALID_ANSWER, error=f"{where} ended its stream without any content")
-                if held_bytes > _MAX_PEEK_BYTES:
+                if held_size > _MAX_PEEK_BYTES:
                     # A lot of stream without content or error: forward it rather than hold it longer.
-                    answer = StreamAnswer(response.status, response.reason, headers, held, reader, chunks, response, api_format)
+                    answer = StreamAnswer(response.status, response.reason, headers, held_events, reader, chunks, response, api_format)
                     return Outcome(OK, status=response.status, payload=answer)
                 async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, b"")

@@ -42,7 +42,7 @@ MAX_DEPTH = 8
 MAX_REQUEST_TIMEOUT_MS = 3_600_000
 
 # Members of a config object. Portkey members that tollhouse does not act on (`cache`, `virtual_key`,
-# `api_key`, `name`) are accepted and ignored, so that existing configs load; the provider keys always
+# `api_key`, `name`) are accepted and ignored, so that existing configs load. The provider keys always
 # come from the gateway's environment.
 _MEMBERS = {
     "provider", "model", "override_params", "weight", "retry", "request_timeout", "strategy", "targets",
@@ -142,7 +142,7 @@ class Target:
 
 @dataclass(frozen=True)
 class RouteMatch:
-    """Which calls a route of the rules applies to; an empty tuple matches every value."""
+    """The calls that a route of the rules applies to. An empty tuple matches every value."""
 
     providers: tuple[str, ...] = ()
     models: tuple[str, ...] = ()

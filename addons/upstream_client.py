@@ -1,10 +1,11 @@
 """A small pooled HTTP/1.1 client for the relay's upstream requests, built on h11.
 
-The relay needs little of a general HTTP client: one request at a time per connection, bodies that
-are already in memory, a streamed response body, keep-alive connections shared by all calls, TLS
-with the system's and certifi's roots, and clear failure classes for the fallback rules. httpx did
-this at about 1 ms of CPU per request in the gateway (cProfile, see docs/benchmarks.md); this client
-skips its URL model, transports and auth layers. h11 (a mitmproxy dependency) parses the protocol.
+The relay needs little of a general HTTP client. It sends one request at a time per connection, with a
+body already in memory, and reads a streamed response body. It keeps keep-alive connections shared by
+all calls, verifies TLS with the system's and certifi's roots, and reports failures in the classes the
+fallback rules need. httpx did this at about 1 ms of CPU per request in the gateway (cProfile, see
+docs/benchmarks.md). This client skips httpx's URL model, transports and auth layers, and h11 (a
+mitmproxy dependency) parses the protocol.
 
 Failures raise `UpstreamError` with `kind` "connect" (refused, DNS, TLS: nothing was sent) or
 "protocol" (the connection broke or upstream sent invalid HTTP). A pooled connection whose server has

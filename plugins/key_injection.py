@@ -1,7 +1,7 @@
 """Replaces the client's project key with the provider's real key from the gateway's environment.
 
-Runs last among `tollhouse_upstream_request` implementations, so no other plugin sees the real key in the
-request, and every credential header the client sent is removed before the call goes upstream.
+Runs last among `tollhouse_upstream_request` implementations, so no other plugin receives the real key
+in the request, and every credential header the client sent is removed before the call goes upstream.
 """
 
 from __future__ import annotations
